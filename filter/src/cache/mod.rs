@@ -1,0 +1,10 @@
+//! The response cache's host-independent logic, one concern per module.
+
+pub mod cache_control;
+pub mod entry;
+pub mod freshness;
+pub mod key;
+pub mod policy;
+pub mod status;
+pub mod store;
+pub mod vary;

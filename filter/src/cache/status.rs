@@ -1,0 +1,123 @@
+//! The RFC 9211 `Cache-Status` header field.
+
+use super::policy::Forward;
+use std::fmt::Write;
+
+/// This cache's identifier in `Cache-Status` (RFC 9211 §2: a token naming the cache).
+pub const CACHE_NAME: &str = "edge-filter";
+
+/// One `Cache-Status` member for this cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from the cache (RFC 9211 §2.1), `ttl` seconds of freshness left (§2.7; negative
+    /// when a stale response was served).
+    Hit {
+        /// Freshness left.
+        ttl: i64,
+    },
+    /// Forwarded upstream (§2.2).
+    Forward {
+        /// Why (§2.2).
+        fwd: Forward,
+        /// The upstream's status (§2.3), once known.
+        fwd_status: Option<u16>,
+        /// The response was accepted for storage (§2.5).
+        stored: bool,
+        /// Why it was not stored, or other detail (§2.8).
+        detail: Option<&'static str>,
+    },
+}
+
+impl CacheStatus {
+    /// The member, e.g. `edge-filter; fwd=uri-miss; fwd-status=200; stored`.
+    pub fn render(&self) -> String {
+        let mut s = String::with_capacity(64);
+        s.push_str(CACHE_NAME);
+        match self {
+            CacheStatus::Hit { ttl } => {
+                let _ = write!(s, "; hit; ttl={ttl}");
+            }
+            CacheStatus::Forward {
+                fwd,
+                fwd_status,
+                stored,
+                detail,
+            } => {
+                let _ = write!(s, "; fwd={}", fwd.as_str());
+                if let Some(st) = fwd_status {
+                    let _ = write!(s, "; fwd-status={st}");
+                }
+                if *stored {
+                    s.push_str("; stored");
+                }
+                if let Some(d) = detail {
+                    let _ = write!(s, "; detail={d}");
+                }
+            }
+        }
+        s
+    }
+}
+
+/// RFC 9211 §2: members are listed from the origin towards the user, so this cache's member
+/// goes after any the upstream sent.
+pub fn append(existing: &[&str], ours: &str) -> String {
+    let mut out = String::new();
+    for e in existing.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        out.push_str(e);
+        out.push_str(", ");
+    }
+    out.push_str(ours);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_member() {
+        // RFC 9211 §2.1, §2.7
+        assert_eq!(
+            CacheStatus::Hit { ttl: 42 }.render(),
+            "edge-filter; hit; ttl=42"
+        );
+        assert_eq!(
+            CacheStatus::Hit { ttl: -3 }.render(),
+            "edge-filter; hit; ttl=-3"
+        );
+    }
+
+    #[test]
+    fn forward_members() {
+        // RFC 9211 §2.2, §2.3, §2.5, §2.8
+        let s = CacheStatus::Forward {
+            fwd: Forward::UriMiss,
+            fwd_status: Some(200),
+            stored: true,
+            detail: None,
+        };
+        assert_eq!(
+            s.render(),
+            "edge-filter; fwd=uri-miss; fwd-status=200; stored"
+        );
+        let s = CacheStatus::Forward {
+            fwd: Forward::Method,
+            fwd_status: None,
+            stored: false,
+            detail: Some("no-store"),
+        };
+        assert_eq!(s.render(), "edge-filter; fwd=method; detail=no-store");
+    }
+
+    #[test]
+    fn appended_after_upstream_members() {
+        // RFC 9211 §2: the member closest to the user comes last.
+        assert_eq!(
+            append(&["origin; hit"], "edge-filter; hit; ttl=1"),
+            "origin; hit, edge-filter; hit; ttl=1"
+        );
+        assert_eq!(append(&[], "x"), "x");
+        assert_eq!(append(&[" "], "x"), "x");
+    }
+}

@@ -1,0 +1,934 @@
+//! The bounded store over Proxy-Wasm shared data.
+//!
+//! Shared data has no delete, no size bound, and Envoy never forgets a key, so the store
+//! writes a fixed set of keys: one index (`<ns>/idx`) and `max_entries` slots (`<ns>/s/<n>`).
+//! A flood of unique URLs therefore reuses slots instead of adding keys. The index holds, per
+//! slot, the key hash, size, generation and last access; it is the single place where bytes
+//! and entries are counted, and every change to it is a compare-and-swap, so workers never
+//! double-book a slot or exceed a limit. Freed slots are overwritten with an empty value,
+//! which releases their memory in the host.
+//!
+//! A hit costs one shared-data read: the worker's local copy of the index maps the key hash
+//! to a slot, and the slot's value carries the full key, which is checked. Recency updates are
+//! buffered per worker and folded into the index on the next write or tick, so hits never
+//! write shared data.
+
+use super::entry;
+use hashbrown::HashMap;
+use std::fmt;
+
+/// Proxy-Wasm shared data, as the store needs it.
+pub trait SharedData {
+    /// The value and its CAS token, or `None` when the key was never written.
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes `value`; `cas == 0` writes unconditionally, otherwise only if the key's token
+    /// still equals `cas` (Envoy also accepts a write when the key does not exist).
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+}
+
+/// Why a shared-data write failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    /// Another writer changed the key since it was read.
+    CasMismatch,
+    /// The host refused the write for another reason.
+    Host,
+}
+
+/// Why an insert did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// The entry alone exceeds a limit.
+    TooLarge,
+    /// Other workers kept changing the index; given up after a bounded number of tries.
+    Contention,
+    /// The host refused a write.
+    Host,
+}
+
+impl StoreError {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreError::TooLarge => "too-large",
+            StoreError::Contention => "contention",
+            StoreError::Host => "host",
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The store's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Number of slots (most entries, Vary markers included).
+    pub max_entries: u32,
+    /// Most bytes of stored values together.
+    pub max_total_bytes: u64,
+    /// Most bytes of one stored value.
+    pub max_entry_bytes: u64,
+}
+
+/// What a slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Nothing.
+    Free = 0,
+    /// A response under its primary key.
+    Response = 1,
+    /// A Vary marker under its primary key.
+    Vary = 2,
+    /// A response under its secondary (Vary) key.
+    Variant = 3,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Kind {
+        match b {
+            1 => Kind::Response,
+            2 => Kind::Vary,
+            3 => Kind::Variant,
+            _ => Kind::Free,
+        }
+    }
+}
+
+/// One index record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    hash: u64,
+    last_access: u64,
+    /// Low 32 bits of the primary key's hash: ties variants to their URI.
+    primary: u32,
+    size: u32,
+    generation: u32,
+    kind: Kind,
+}
+
+const FREE: Record = Record {
+    hash: 0,
+    last_access: 0,
+    primary: 0,
+    size: 0,
+    generation: 0,
+    kind: Kind::Free,
+};
+
+const INDEX_MAGIC: &[u8; 4] = b"EFi1";
+const HEADER_BYTES: usize = 32;
+const RECORD_BYTES: usize = 32;
+/// Index compare-and-swap attempts before an insert gives up.
+const MAX_CAS_ATTEMPTS: usize = 8;
+/// Buffered recency updates before they are written without waiting for a tick.
+const MAX_PENDING_TOUCHES: usize = 1024;
+
+/// The decoded index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Index {
+    next_generation: u32,
+    records: Vec<Record>,
+}
+
+impl Index {
+    fn empty(slots: u32) -> Index {
+        Index {
+            next_generation: 1,
+            records: vec![FREE; slots as usize],
+        }
+    }
+
+    fn decode(b: &[u8]) -> Option<Index> {
+        if b.len() < HEADER_BYTES || &b[..4] != INDEX_MAGIC {
+            return None;
+        }
+        let slots = u32::from_le_bytes(b[4..8].try_into().ok()?) as usize;
+        if b.len() != HEADER_BYTES + slots * RECORD_BYTES {
+            return None;
+        }
+        let next_generation = u32::from_le_bytes(b[8..12].try_into().ok()?);
+        let records = b[HEADER_BYTES..]
+            .chunks_exact(RECORD_BYTES)
+            .map(|r| Record {
+                hash: u64::from_le_bytes(r[0..8].try_into().unwrap_or_default()),
+                last_access: u64::from_le_bytes(r[8..16].try_into().unwrap_or_default()),
+                primary: u32::from_le_bytes(r[16..20].try_into().unwrap_or_default()),
+                size: u32::from_le_bytes(r[20..24].try_into().unwrap_or_default()),
+                generation: u32::from_le_bytes(r[24..28].try_into().unwrap_or_default()),
+                kind: Kind::from_u8(r[28]),
+            })
+            .collect();
+        Some(Index {
+            next_generation,
+            records,
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HEADER_BYTES + self.records.len() * RECORD_BYTES);
+        b.extend_from_slice(INDEX_MAGIC);
+        b.extend_from_slice(&(self.records.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.next_generation.to_le_bytes());
+        b.resize(HEADER_BYTES, 0);
+        for r in &self.records {
+            b.extend_from_slice(&r.hash.to_le_bytes());
+            b.extend_from_slice(&r.last_access.to_le_bytes());
+            b.extend_from_slice(&r.primary.to_le_bytes());
+            b.extend_from_slice(&r.size.to_le_bytes());
+            b.extend_from_slice(&r.generation.to_le_bytes());
+            b.extend_from_slice(&[r.kind as u8, 0, 0, 0]);
+        }
+        b
+    }
+
+    fn usage(&self) -> Usage {
+        let mut u = Usage::default();
+        for r in self.records.iter().filter(|r| r.kind != Kind::Free) {
+            u.entries += 1;
+            u.bytes += u64::from(r.size);
+        }
+        u
+    }
+}
+
+/// Entries and bytes in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Occupied slots.
+    pub entries: u32,
+    /// Bytes of their values.
+    pub bytes: u64,
+}
+
+/// One value to insert.
+#[derive(Debug, Clone)]
+pub struct Insert {
+    /// Hash of the key it is found under (primary, or primary + secondary for variants).
+    pub hash: u64,
+    /// Hash of the primary key.
+    pub primary: u64,
+    /// What it is.
+    pub kind: Kind,
+    /// The encoded value; its generation field is filled in by the store.
+    pub value: Vec<u8>,
+}
+
+/// What an insert changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InsertOutcome {
+    /// Entries evicted to make room (least recently used first).
+    pub evicted: u32,
+    /// Usage after the insert.
+    pub usage: Usage,
+}
+
+/// The store as one worker sees it.
+pub struct Store<S: SharedData> {
+    shared: S,
+    limits: Limits,
+    index_key: String,
+    slot_prefix: String,
+    /// Local copy of the index's hash -> slot map, and the CAS token it was built from.
+    map: HashMap<u64, u32>,
+    map_cas: Option<u32>,
+    usage: Usage,
+    touches: Vec<(u32, u32, u64)>,
+}
+
+impl<S: SharedData> Store<S> {
+    /// A store under the key namespace `ns`. Call [`Store::init`] once per VM.
+    pub fn new(shared: S, ns: &str, limits: Limits) -> Store<S> {
+        Store {
+            shared,
+            limits,
+            index_key: format!("{ns}/idx"),
+            slot_prefix: format!("{ns}/s/"),
+            map: HashMap::new(),
+            map_cas: None,
+            usage: Usage::default(),
+            touches: Vec::new(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn slot_key(&self, slot: u32) -> String {
+        format!("{}{slot}", self.slot_prefix)
+    }
+
+    /// Creates the index if absent, or rebuilds it when the slot count changed (a new
+    /// `max_entries`), freeing the slots that no longer exist.
+    pub fn init(&mut self) -> Result<(), StoreError> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (old, cas) = match self.shared.get(&self.index_key) {
+                Some((v, cas)) => (Index::decode(&v), cas),
+                None => (None, 0),
+            };
+            if let Some(old) = &old {
+                if old.records.len() == self.limits.max_entries as usize {
+                    return self.refresh().map(|_| ());
+                }
+            }
+            let fresh = Index::empty(self.limits.max_entries);
+            match self.shared.set(&self.index_key, &fresh.encode(), cas) {
+                Ok(()) => {
+                    if let Some(old) = old {
+                        for (slot, r) in old.records.iter().enumerate() {
+                            if r.kind != Kind::Free {
+                                self.clear_slot(slot as u32);
+                            }
+                        }
+                    }
+                    return self.refresh().map(|_| ());
+                }
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Host) => return Err(StoreError::Host),
+            }
+        }
+        Err(StoreError::Contention)
+    }
+
+    /// Re-reads the index when it changed; returns whether the local map was rebuilt.
+    pub fn refresh(&mut self) -> Result<bool, StoreError> {
+        let Some((bytes, cas)) = self.shared.get(&self.index_key) else {
+            return Ok(false);
+        };
+        if self.map_cas == Some(cas) {
+            return Ok(false);
+        }
+        let index = Index::decode(&bytes).unwrap_or_else(|| Index::empty(0));
+        self.adopt(&index, cas);
+        Ok(true)
+    }
+
+    fn adopt(&mut self, index: &Index, cas: u32) {
+        self.map.clear();
+        for (slot, r) in index.records.iter().enumerate() {
+            if r.kind != Kind::Free {
+                self.map.insert(r.hash, slot as u32);
+            }
+        }
+        self.map_cas = Some(cas);
+        self.usage = index.usage();
+    }
+
+    /// Usage as of this worker's last look at the index.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// Finds the value stored under `hash` whose key is `key`, reading the index again only
+    /// when the local copy does not know the hash or points at a slot that moved on.
+    /// Records the access for LRU at `now_ms`.
+    pub fn get(&mut self, hash: u64, key: &str, now_ms: u64) -> Option<Vec<u8>> {
+        for attempt in 0..2 {
+            if let Some(&slot) = self.map.get(&hash) {
+                if let Some((value, _)) = self.shared.get(&self.slot_key(slot)) {
+                    if let Ok((generation, k)) = entry::peek_key(&value) {
+                        if k == key {
+                            self.touch(slot, generation, now_ms);
+                            return Some(value);
+                        }
+                    }
+                }
+            }
+            if attempt == 0 && !self.refresh().unwrap_or(false) {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn touch(&mut self, slot: u32, generation: u32, now_ms: u64) {
+        self.touches.push((slot, generation, now_ms));
+        if self.touches.len() >= MAX_PENDING_TOUCHES {
+            self.flush_touches();
+        }
+    }
+
+    fn apply_touches(&self, index: &mut Index) {
+        for &(slot, generation, t) in &self.touches {
+            if let Some(r) = index.records.get_mut(slot as usize) {
+                if r.kind != Kind::Free && r.generation == generation && r.last_access < t {
+                    r.last_access = t;
+                }
+            }
+        }
+    }
+
+    /// Writes buffered recency updates into the index (on a tick, or when the buffer fills).
+    /// On contention they are kept for the next try.
+    pub fn flush_touches(&mut self) {
+        if self.touches.is_empty() {
+            return;
+        }
+        for _ in 0..3 {
+            let Some((bytes, cas)) = self.shared.get(&self.index_key) else {
+                break;
+            };
+            let Some(mut index) = Index::decode(&bytes) else {
+                break;
+            };
+            self.apply_touches(&mut index);
+            if self
+                .shared
+                .set(&self.index_key, &index.encode(), cas)
+                .is_ok()
+            {
+                self.touches.clear();
+                return;
+            }
+        }
+        if self.touches.len() >= MAX_PENDING_TOUCHES {
+            // Recency is a hint; never let the buffer grow without bound.
+            self.touches.clear();
+        }
+    }
+
+    /// Inserts values atomically with respect to the index: each replaces what is stored
+    /// under its hash, and least-recently-used entries are evicted until every limit holds.
+    /// With `replace_variants`, variants of the same primary key that are not being inserted
+    /// are removed too (a new plain response or a new Vary list makes them unreachable).
+    pub fn insert(
+        &mut self,
+        mut items: Vec<Insert>,
+        replace_variants: bool,
+        now_ms: u64,
+    ) -> Result<InsertOutcome, StoreError> {
+        let need: u64 = items.iter().map(|i| i.value.len() as u64).sum();
+        if items.len() > self.limits.max_entries as usize
+            || items
+                .iter()
+                .any(|i| i.value.len() as u64 > self.limits.max_entry_bytes)
+            || need > self.limits.max_total_bytes
+        {
+            return Err(StoreError::TooLarge);
+        }
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (mut index, cas) = match self.shared.get(&self.index_key) {
+                Some((b, cas)) => match Index::decode(&b) {
+                    Some(i) if i.records.len() == self.limits.max_entries as usize => (i, cas),
+                    _ => (Index::empty(self.limits.max_entries), cas),
+                },
+                None => (Index::empty(self.limits.max_entries), 0),
+            };
+            self.apply_touches(&mut index);
+            let mut freed: Vec<u32> = Vec::new();
+            let mut evicted = 0u32;
+            // Drop what the new values replace.
+            for (slot, r) in index.records.iter_mut().enumerate() {
+                if r.kind == Kind::Free {
+                    continue;
+                }
+                let replaced = items.iter().any(|i| i.hash == r.hash);
+                let orphaned = replace_variants
+                    && r.kind == Kind::Variant
+                    && items.iter().any(|i| i.primary as u32 == r.primary);
+                if replaced || orphaned {
+                    *r = FREE;
+                    freed.push(slot as u32);
+                }
+            }
+            // Evict least recently used until the new values fit.
+            let mut usage = index.usage();
+            while usage.entries as usize + items.len() > self.limits.max_entries as usize
+                || usage.bytes + need > self.limits.max_total_bytes
+            {
+                let Some((slot, _)) = index
+                    .records
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.kind != Kind::Free)
+                    .min_by_key(|(_, r)| r.last_access)
+                else {
+                    return Err(StoreError::TooLarge);
+                };
+                let victim = index.records[slot];
+                index.records[slot] = FREE;
+                freed.push(slot as u32);
+                evicted += 1;
+                // A Vary marker's variants cannot be found without it.
+                if victim.kind == Kind::Vary {
+                    for (s, r) in index.records.iter_mut().enumerate() {
+                        if r.kind == Kind::Variant && r.primary == victim.primary {
+                            *r = FREE;
+                            freed.push(s as u32);
+                            evicted += 1;
+                        }
+                    }
+                }
+                usage = index.usage();
+            }
+            // Reserve slots, preferring ones just freed (their values get overwritten anyway).
+            let mut placed: Vec<u32> = Vec::with_capacity(items.len());
+            for item in &items {
+                let slot = index
+                    .records
+                    .iter()
+                    .enumerate()
+                    .filter(|(s, r)| r.kind == Kind::Free && !placed.contains(&(*s as u32)))
+                    .map(|(s, _)| s as u32)
+                    .min_by_key(|s| !freed.contains(s))
+                    .ok_or(StoreError::TooLarge)?;
+                let generation = index.next_generation;
+                index.next_generation = index.next_generation.wrapping_add(1).max(1);
+                index.records[slot as usize] = Record {
+                    hash: item.hash,
+                    last_access: now_ms,
+                    primary: item.primary as u32,
+                    size: item.value.len() as u32,
+                    generation,
+                    kind: item.kind,
+                };
+                placed.push(slot);
+            }
+            match self.shared.set(&self.index_key, &index.encode(), cas) {
+                Ok(()) => {}
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Host) => return Err(StoreError::Host),
+            }
+            self.touches.clear();
+            for (item, &slot) in items.iter_mut().zip(&placed) {
+                entry::set_generation(&mut item.value, index.records[slot as usize].generation);
+                if self
+                    .shared
+                    .set(&self.slot_key(slot), &item.value, 0)
+                    .is_err()
+                {
+                    return Err(StoreError::Host);
+                }
+            }
+            for slot in freed.iter().filter(|s| !placed.contains(s)) {
+                self.clear_slot(*slot);
+            }
+            // Our own write's token is unknown; the next lookup that needs it re-reads.
+            self.adopt(&index, u32::MAX);
+            self.map_cas = None;
+            return Ok(InsertOutcome {
+                evicted,
+                usage: self.usage,
+            });
+        }
+        Err(StoreError::Contention)
+    }
+
+    /// Removes what is stored under `primary_hash` and every variant of it. Returns how many
+    /// entries were removed.
+    pub fn remove(&mut self, primary_hash: u64) -> Result<u32, StoreError> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Some((b, cas)) = self.shared.get(&self.index_key) else {
+                return Ok(0);
+            };
+            let Some(mut index) = Index::decode(&b) else {
+                return Ok(0);
+            };
+            let mut freed = Vec::new();
+            for (slot, r) in index.records.iter_mut().enumerate() {
+                let hit = r.kind != Kind::Free
+                    && (r.hash == primary_hash
+                        || (r.kind == Kind::Variant && r.primary == primary_hash as u32));
+                if hit {
+                    *r = FREE;
+                    freed.push(slot as u32);
+                }
+            }
+            if freed.is_empty() {
+                return Ok(0);
+            }
+            match self.shared.set(&self.index_key, &index.encode(), cas) {
+                Ok(()) => {}
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Host) => return Err(StoreError::Host),
+            }
+            for &slot in &freed {
+                self.clear_slot(slot);
+            }
+            self.adopt(&index, u32::MAX);
+            self.map_cas = None;
+            return Ok(freed.len() as u32);
+        }
+        Err(StoreError::Contention)
+    }
+
+    fn clear_slot(&self, slot: u32) {
+        // An empty value is the ABI's only way to release a key's memory.
+        let _ = self.shared.set(&self.slot_key(slot), &[], 0);
+    }
+}
+
+/// An in-memory [`SharedData`] with Envoy's semantics (one global CAS counter; `cas = 0`
+/// always writes; a non-zero CAS is checked only when the key exists), for tests and benches.
+#[derive(Debug, Default)]
+pub struct MemoryShared {
+    inner: std::cell::RefCell<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    map: std::collections::HashMap<String, (Vec<u8>, u32)>,
+    counter: u32,
+}
+
+impl MemoryShared {
+    /// Total bytes of all values, as the host would hold them.
+    pub fn value_bytes(&self) -> usize {
+        self.inner.borrow().map.values().map(|(v, _)| v.len()).sum()
+    }
+
+    /// Number of keys ever written.
+    pub fn key_count(&self) -> usize {
+        self.inner.borrow().map.len()
+    }
+}
+
+impl SharedData for &MemoryShared {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.inner.borrow().map.get(key).cloned()
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let mut inner = self.inner.borrow_mut();
+        if cas != 0 {
+            if let Some((_, current)) = inner.map.get(key) {
+                if *current != cas {
+                    return Err(SetError::CasMismatch);
+                }
+            }
+        }
+        inner.counter = inner.counter.wrapping_add(1).max(1);
+        let token = inner.counter;
+        inner.map.insert(key.to_string(), (value.to_vec(), token));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::entry::{decode, encode_response, EntryView, ResponseMeta};
+
+    fn limits(entries: u32, total: u64) -> Limits {
+        Limits {
+            max_entries: entries,
+            max_total_bytes: total,
+            max_entry_bytes: total,
+        }
+    }
+
+    fn value(key: &str, body_len: usize) -> Vec<u8> {
+        encode_response(
+            0,
+            key,
+            "",
+            &ResponseMeta::default(),
+            &[],
+            &vec![b'x'; body_len],
+        )
+    }
+
+    fn put(store: &mut Store<&MemoryShared>, key: &str, len: usize, t: u64) -> InsertOutcome {
+        let h = crate::cache::key::hash64(key.as_bytes());
+        store
+            .insert(
+                vec![Insert {
+                    hash: h,
+                    primary: h,
+                    kind: Kind::Response,
+                    value: value(key, len),
+                }],
+                true,
+                t,
+            )
+            .unwrap()
+    }
+
+    fn get(store: &mut Store<&MemoryShared>, key: &str, t: u64) -> bool {
+        let h = crate::cache::key::hash64(key.as_bytes());
+        store.get(h, key, t).is_some()
+    }
+
+    #[test]
+    fn insert_then_get_across_workers() {
+        let mem = MemoryShared::default();
+        let mut a = Store::new(&mem, "t", limits(8, 10_000));
+        let mut b = Store::new(&mem, "t", limits(8, 10_000));
+        a.init().unwrap();
+        b.init().unwrap();
+        put(&mut a, "k1", 10, 1);
+        assert!(get(&mut a, "k1", 2));
+        // Worker b never saw the insert: it re-reads the index on the unknown hash.
+        assert!(get(&mut b, "k1", 3));
+        assert!(!get(&mut b, "k2", 3));
+        let v = b.get(crate::cache::key::hash64(b"k1"), "k1", 4).unwrap();
+        let EntryView::Response(r) = decode(&v).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.body.len(), 10);
+        assert!(r.generation > 0, "the store stamps the generation");
+    }
+
+    #[test]
+    fn entry_limit_evicts_least_recently_used() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(3, 100_000));
+        s.init().unwrap();
+        put(&mut s, "a", 1, 1);
+        put(&mut s, "b", 1, 2);
+        put(&mut s, "c", 1, 3);
+        assert!(get(&mut s, "a", 10)); // a is now the most recent
+        let out = put(&mut s, "d", 1, 11);
+        assert_eq!(out.evicted, 1);
+        assert_eq!(out.usage.entries, 3);
+        assert!(!get(&mut s, "b", 12), "b was least recently used");
+        assert!(get(&mut s, "a", 12) && get(&mut s, "c", 12) && get(&mut s, "d", 12));
+    }
+
+    #[test]
+    fn byte_limit_is_never_exceeded() {
+        let mem = MemoryShared::default();
+        let total = 5_000;
+        let mut s = Store::new(&mem, "t", limits(64, total));
+        s.init().unwrap();
+        for i in 0..200u64 {
+            let out = put(&mut s, &format!("k{i}"), 300 + (i as usize * 37) % 700, i);
+            assert!(out.usage.bytes <= total, "{} > {total}", out.usage.bytes);
+            // What the host holds in slots is exactly what the index counts.
+            let idx = mem.get_index_bytes("t");
+            assert_eq!(mem.value_bytes() as u64 - idx, out.usage.bytes);
+        }
+    }
+
+    #[test]
+    fn unique_url_flood_keeps_key_count_bounded() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(16, 1 << 20));
+        s.init().unwrap();
+        for i in 0..5_000u64 {
+            put(&mut s, &format!("http://h/{i}"), 10, i);
+        }
+        // 16 slots + the index, whatever the number of URLs.
+        assert!(mem.key_count() <= 17, "{} keys", mem.key_count());
+    }
+
+    #[test]
+    fn replacing_a_key_reuses_its_accounting() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(4, 10_000));
+        s.init().unwrap();
+        let first = put(&mut s, "a", 100, 1).usage;
+        let second = put(&mut s, "a", 50, 2).usage;
+        assert_eq!(first.entries, 1);
+        assert_eq!(second.entries, 1);
+        assert_eq!(first.bytes - second.bytes, 50);
+    }
+
+    #[test]
+    fn oversized_values_are_refused() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(
+            &mem,
+            "t",
+            Limits {
+                max_entries: 4,
+                max_total_bytes: 1000,
+                max_entry_bytes: 200,
+            },
+        );
+        s.init().unwrap();
+        let h = 1;
+        let r = s.insert(
+            vec![Insert {
+                hash: h,
+                primary: h,
+                kind: Kind::Response,
+                value: value("a", 300),
+            }],
+            true,
+            0,
+        );
+        assert_eq!(r, Err(StoreError::TooLarge));
+    }
+
+    #[test]
+    fn remove_takes_variants_along() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(8, 10_000));
+        s.init().unwrap();
+        let p = crate::cache::key::hash64(b"u");
+        let marker = entry::encode_vary(0, "u", &["accept".into()]);
+        s.insert(
+            vec![
+                Insert {
+                    hash: p,
+                    primary: p,
+                    kind: Kind::Vary,
+                    value: marker,
+                },
+                Insert {
+                    hash: 77,
+                    primary: p,
+                    kind: Kind::Variant,
+                    value: value("u", 5),
+                },
+            ],
+            false,
+            1,
+        )
+        .unwrap();
+        assert!(s.get(77, "u", 2).is_some());
+        assert_eq!(s.remove(p).unwrap(), 2);
+        assert!(s.get(77, "u", 3).is_none());
+        assert_eq!(s.usage().entries, 0);
+        assert_eq!(mem.value_bytes() as u64, mem.get_index_bytes("t"));
+    }
+
+    #[test]
+    fn evicting_a_vary_marker_evicts_its_variants() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(3, 100_000));
+        s.init().unwrap();
+        let p = 5u64;
+        s.insert(
+            vec![
+                Insert {
+                    hash: p,
+                    primary: p,
+                    kind: Kind::Vary,
+                    value: entry::encode_vary(0, "u", &["a".into()]),
+                },
+                Insert {
+                    hash: 6,
+                    primary: p,
+                    kind: Kind::Variant,
+                    value: value("u", 1),
+                },
+            ],
+            false,
+            1,
+        )
+        .unwrap();
+        put(&mut s, "x", 1, 2);
+        // Full (3/3): the next insert evicts the marker (oldest) and its variant with it.
+        let out = put(&mut s, "y", 1, 3);
+        assert_eq!(out.evicted, 2);
+        assert_eq!(out.usage.entries, 2);
+    }
+
+    #[test]
+    fn a_new_plain_response_orphans_no_variants() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(8, 100_000));
+        s.init().unwrap();
+        let p = crate::cache::key::hash64(b"u");
+        s.insert(
+            vec![
+                Insert {
+                    hash: p,
+                    primary: p,
+                    kind: Kind::Vary,
+                    value: entry::encode_vary(0, "u", &["a".into()]),
+                },
+                Insert {
+                    hash: 6,
+                    primary: p,
+                    kind: Kind::Variant,
+                    value: value("u", 1),
+                },
+            ],
+            false,
+            1,
+        )
+        .unwrap();
+        let out = put(&mut s, "u", 1, 2);
+        assert_eq!(out.usage.entries, 1, "marker replaced, variant removed");
+    }
+
+    #[test]
+    fn lost_cas_race_retries_and_both_inserts_land() {
+        // Simulates another worker writing the index between our read and write.
+        struct Racy<'a> {
+            mem: &'a MemoryShared,
+            other: std::cell::Cell<bool>,
+        }
+        impl SharedData for &Racy<'_> {
+            fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+                SharedData::get(&self.mem, key)
+            }
+            fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+                if key.ends_with("/idx") && cas != 0 && !self.other.replace(true) {
+                    let mut other = Store::new(self.mem, "t", limits(8, 10_000));
+                    put(&mut other, "theirs", 10, 1);
+                }
+                SharedData::set(&self.mem, key, value, cas)
+            }
+        }
+        let mem = MemoryShared::default();
+        Store::new(&mem, "t", limits(8, 10_000)).init().unwrap();
+        let racy = Racy {
+            mem: &mem,
+            other: std::cell::Cell::new(false),
+        };
+        let mut s = Store::new(&racy, "t", limits(8, 10_000));
+        let h = crate::cache::key::hash64(b"mine");
+        let out = s
+            .insert(
+                vec![Insert {
+                    hash: h,
+                    primary: h,
+                    kind: Kind::Response,
+                    value: value("mine", 10),
+                }],
+                true,
+                2,
+            )
+            .unwrap();
+        assert_eq!(out.usage.entries, 2, "the other worker's insert survived");
+    }
+
+    #[test]
+    fn changed_slot_count_rebuilds_and_frees_old_slots() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(8, 10_000));
+        s.init().unwrap();
+        put(&mut s, "a", 100, 1);
+        let mut s2 = Store::new(&mem, "t", limits(4, 10_000));
+        s2.init().unwrap();
+        assert_eq!(s2.usage().entries, 0);
+        assert_eq!(mem.value_bytes() as u64, mem.get_index_bytes("t"));
+    }
+
+    #[test]
+    fn touches_reach_the_index_on_flush() {
+        let mem = MemoryShared::default();
+        let mut a = Store::new(&mem, "t", limits(2, 10_000));
+        let mut b = Store::new(&mem, "t", limits(2, 10_000));
+        a.init().unwrap();
+        b.init().unwrap();
+        put(&mut a, "old", 1, 1);
+        put(&mut a, "new", 1, 2);
+        assert!(get(&mut b, "old", 10));
+        b.flush_touches();
+        // a evicts by the shared recency: "new" is now the least recently used.
+        put(&mut a, "third", 1, 11);
+        assert!(get(&mut a, "old", 12));
+        assert!(!get(&mut a, "new", 12));
+    }
+
+    impl MemoryShared {
+        fn get_index_bytes(&self, ns: &str) -> u64 {
+            self.inner
+                .borrow()
+                .map
+                .get(&format!("{ns}/idx"))
+                .map_or(0, |(v, _)| v.len() as u64)
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Plugin configuration: JSON, strict (`deny_unknown_fields`), with defaults so that `{}` works.
+//!
+//! Parsing never panics: every problem becomes a [`ConfigError`] that names the field, so the
+//! one log line Envoy shows is enough to fix the config.
+
+use serde::Deserialize;
+use std::fmt;
+
+/// The whole plugin configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Response cache settings.
+    pub cache: CacheConfig,
+    /// `/healthz` and `/readyz` settings.
+    pub health: HealthConfig,
+    /// Purge (explicit invalidation) settings.
+    pub purge: PurgeConfig,
+}
+
+/// Response cache settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Turns the cache off entirely (requests pass through, marked `fwd=bypass`).
+    pub enabled: bool,
+    /// Upper bound on the bytes of all stored entries together.
+    pub max_total_bytes: u64,
+    /// Upper bound on one stored entry (headers and body); larger responses stream through.
+    pub max_entry_bytes: u64,
+    /// Upper bound on the number of stored entries; also the number of shared-data slots.
+    pub max_entries: u32,
+    /// Response statuses that may be stored.
+    pub statuses: Vec<u16>,
+    /// Request methods answered from the cache: `GET` (stored) and `HEAD` (served from GET entries).
+    pub methods: Vec<String>,
+    /// Adds the RFC 9211 `Cache-Status` header to responses.
+    pub cache_status: bool,
+}
+
+/// Limits that keep the shared index and the per-request work bounded.
+pub mod limits {
+    /// Most slots (entries) the index may have; the index costs 32 bytes per slot.
+    pub const MAX_ENTRIES: u32 = 1 << 16;
+    /// Largest single entry: Proxy-Wasm buffers and shared-data values are u32-sized.
+    pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
+    /// Shortest readiness check period.
+    pub const MIN_CHECK_PERIOD_MS: u64 = 100;
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_total_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+            max_entries: 4096,
+            // RFC 9110 §15.1 heuristically cacheable statuses, less 206 (no range assembly).
+            statuses: vec![200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501],
+            methods: vec!["GET".into(), "HEAD".into()],
+            cache_status: true,
+        }
+    }
+}
+
+/// Health endpoint settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Liveness path, answered `pass` while the VM runs.
+    pub liveness_path: String,
+    /// Readiness path, `pass` only while the upstream answers its health check.
+    pub readiness_path: String,
+    /// Envoy cluster that the readiness check calls.
+    pub upstream_cluster: String,
+    /// `:authority` of the check request; the cluster name when absent.
+    pub upstream_authority: Option<String>,
+    /// Path requested from the upstream by the readiness check.
+    pub check_path: String,
+    /// How often the upstream is checked.
+    pub check_period_ms: u64,
+    /// How long one check may take before it counts as failed.
+    pub check_timeout_ms: u64,
+    /// Cache fill ratio (bytes or entries) above which readiness reports `warn`.
+    pub cache_warn_ratio: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            liveness_path: "/healthz".into(),
+            readiness_path: "/readyz".into(),
+            upstream_cluster: "upstream".into(),
+            upstream_authority: None,
+            check_path: "/".into(),
+            check_period_ms: 2000,
+            check_timeout_ms: 1000,
+            cache_warn_ratio: 0.9,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The `:authority` sent with the readiness check.
+    pub fn authority(&self) -> &str {
+        self.upstream_authority
+            .as_deref()
+            .unwrap_or(&self.upstream_cluster)
+    }
+}
+
+/// Purge settings: a request with `method` and a matching token removes one URL.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PurgeConfig {
+    /// Purge requests are recognised only when enabled.
+    pub enabled: bool,
+    /// Method that marks a purge request.
+    pub method: String,
+    /// Request header that carries the token.
+    pub token_header: String,
+    /// The secret; required when enabled.
+    pub token: Option<String>,
+}
+
+impl Default for PurgeConfig {
+    fn default() -> Self {
+        PurgeConfig {
+            enabled: false,
+            method: "PURGE".into(),
+            token_header: "x-purge-token".into(),
+            token: None,
+        }
+    }
+}
+
+impl PurgeConfig {
+    /// Whether `presented` equals the configured token, compared in constant time so that
+    /// response timing does not reveal how much of a guess was right.
+    pub fn token_matches(&self, presented: &[u8]) -> bool {
+        let Some(token) = self.token.as_deref().map(str::as_bytes) else {
+            return false;
+        };
+        if token.is_empty() {
+            return false;
+        }
+        // Length differences are folded into the accumulator instead of returning early.
+        let mut diff = (token.len() ^ presented.len()) as u64;
+        for (i, &t) in token.iter().enumerate() {
+            diff |= u64::from(t ^ presented.get(i).copied().unwrap_or(!t));
+        }
+        diff == 0
+    }
+}
+
+/// A configuration problem, naming the field it concerns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    field: String,
+    problem: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    /// Dotted path of the offending field (`cache.max_entries`), or `.` for the document.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration: field `{}`: {}",
+            self.field, self.problem
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses and validates plugin configuration bytes. Empty input means all defaults.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Config::default());
+        }
+        // serde would also accept a JSON array for a struct; the config is an object.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ConfigError::new(".", "must be a JSON object"));
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            // serde's unknown-field message names the field; the path is its parent.
+            ConfigError::new(&path, strip_position(&inner.to_string()))
+        })?;
+        de.end()
+            .map_err(|e| ConfigError::new(".", strip_position(&e.to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.cache;
+        if c.max_entries == 0 || c.max_entries > limits::MAX_ENTRIES {
+            return Err(ConfigError::new(
+                "cache.max_entries",
+                format!("must be between 1 and {}", limits::MAX_ENTRIES),
+            ));
+        }
+        if c.max_entry_bytes == 0 || c.max_entry_bytes > limits::MAX_ENTRY_BYTES {
+            return Err(ConfigError::new(
+                "cache.max_entry_bytes",
+                format!("must be between 1 and {}", limits::MAX_ENTRY_BYTES),
+            ));
+        }
+        if c.max_total_bytes < c.max_entry_bytes {
+            return Err(ConfigError::new(
+                "cache.max_total_bytes",
+                "must be at least cache.max_entry_bytes",
+            ));
+        }
+        for &s in &c.statuses {
+            // 206 needs range assembly and 304 is not a complete response (RFC 9111 §3.3, §4.3.4).
+            if !(200..=599).contains(&s) || s == 206 || s == 304 {
+                return Err(ConfigError::new(
+                    "cache.statuses",
+                    format!("{s} cannot be stored (final statuses 200-599, except 206 and 304)"),
+                ));
+            }
+        }
+        for m in &c.methods {
+            if m != "GET" && m != "HEAD" {
+                return Err(ConfigError::new(
+                    "cache.methods",
+                    format!("`{m}` cannot be answered from the cache (only GET and HEAD)"),
+                ));
+            }
+        }
+        let h = &self.health;
+        for (field, path) in [
+            ("health.liveness_path", &h.liveness_path),
+            ("health.readiness_path", &h.readiness_path),
+            ("health.check_path", &h.check_path),
+        ] {
+            if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(ConfigError::new(
+                    field,
+                    "must start with `/` and contain no spaces or control characters",
+                ));
+            }
+        }
+        if h.liveness_path == h.readiness_path {
+            return Err(ConfigError::new(
+                "health.readiness_path",
+                "must differ from health.liveness_path",
+            ));
+        }
+        if h.upstream_cluster.is_empty() {
+            return Err(ConfigError::new(
+                "health.upstream_cluster",
+                "must not be empty",
+            ));
+        }
+        if h.check_period_ms < limits::MIN_CHECK_PERIOD_MS {
+            return Err(ConfigError::new(
+                "health.check_period_ms",
+                format!("must be at least {}", limits::MIN_CHECK_PERIOD_MS),
+            ));
+        }
+        if h.check_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "health.check_timeout_ms",
+                "must be positive",
+            ));
+        }
+        if !(h.cache_warn_ratio > 0.0 && h.cache_warn_ratio <= 1.0) {
+            return Err(ConfigError::new(
+                "health.cache_warn_ratio",
+                "must be in (0, 1]",
+            ));
+        }
+        let p = &self.purge;
+        if p.method.is_empty() || !p.method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::new(
+                "purge.method",
+                "must be an upper-case method name",
+            ));
+        }
+        if p.token_header.is_empty() {
+            return Err(ConfigError::new("purge.token_header", "must not be empty"));
+        }
+        if p.enabled && p.token.as_deref().unwrap_or("").is_empty() {
+            return Err(ConfigError::new(
+                "purge.token",
+                "is required when purge.enabled is true",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `method` is answered from the cache.
+    pub fn serves_method(&self, method: &str) -> bool {
+        self.cache.methods.iter().any(|m| m == method)
+    }
+}
+
+/// serde_json appends " at line L column C"; the field path says more for a one-line config.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_object_and_empty_input_give_defaults() {
+        assert_eq!(Config::parse(b"{}").unwrap(), Config::default());
+        assert_eq!(Config::parse(b"").unwrap(), Config::default());
+        let d = Config::default();
+        assert_eq!(d.cache.max_entries, 4096);
+        assert_eq!(d.health.readiness_path, "/readyz");
+        assert!(!d.purge.enabled);
+    }
+
+    #[test]
+    fn partial_sections_keep_other_defaults() {
+        let c = Config::parse(br#"{"cache":{"max_entry_bytes":1024}}"#).unwrap();
+        assert_eq!(c.cache.max_entry_bytes, 1024);
+        assert_eq!(c.cache.max_entries, 4096);
+        assert_eq!(c.health, HealthConfig::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = Config::parse(br#"{"cache":{"max_entires":3}}"#).unwrap_err();
+        assert!(e.problem().contains("max_entires"), "{e}");
+        assert_eq!(e.field(), "cache.max_entires");
+        let e = Config::parse(br#"{"nope":1}"#).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field_path() {
+        let e = Config::parse(br#"{"cache":{"max_entries":"lots"}}"#).unwrap_err();
+        assert_eq!(e.field(), "cache.max_entries");
+        assert!(e.problem().contains("invalid type"), "{e}");
+        let e = Config::parse(br#"{"cache":{"statuses":[200,"x"]}}"#).unwrap_err();
+        assert_eq!(e.field(), "cache.statuses[1]");
+    }
+
+    #[test]
+    fn semantic_checks_name_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"cache":{"max_entries":0}}"#, "cache.max_entries"),
+            (
+                br#"{"cache":{"max_total_bytes":10,"max_entry_bytes":20}}"#,
+                "cache.max_total_bytes",
+            ),
+            (br#"{"cache":{"statuses":[206]}}"#, "cache.statuses"),
+            (br#"{"cache":{"methods":["POST"]}}"#, "cache.methods"),
+            (
+                br#"{"health":{"liveness_path":"x"}}"#,
+                "health.liveness_path",
+            ),
+            (
+                br#"{"health":{"check_period_ms":5}}"#,
+                "health.check_period_ms",
+            ),
+            (
+                br#"{"health":{"cache_warn_ratio":1.5}}"#,
+                "health.cache_warn_ratio",
+            ),
+            (br#"{"purge":{"enabled":true}}"#, "purge.token"),
+            (br#"{"purge":{"method":"purge"}}"#, "purge.method"),
+        ];
+        for (json, field) in cases {
+            let e = Config::parse(json).unwrap_err();
+            assert_eq!(e.field(), *field, "{}", String::from_utf8_lossy(json));
+        }
+    }
+
+    #[test]
+    fn malformed_json_and_trailing_garbage_are_errors() {
+        assert!(Config::parse(b"{").is_err());
+        assert!(Config::parse(b"{} x").is_err());
+        assert!(Config::parse(b"[]").is_err());
+    }
+
+    #[test]
+    fn purge_token_comparison() {
+        let p = PurgeConfig {
+            token: Some("s3cret".into()),
+            ..Default::default()
+        };
+        assert!(p.token_matches(b"s3cret"));
+        assert!(!p.token_matches(b"s3cre"));
+        assert!(!p.token_matches(b"s3cretx"));
+        assert!(!p.token_matches(b"S3cret"));
+        assert!(!p.token_matches(b""));
+        assert!(!PurgeConfig::default().token_matches(b""));
+    }
+
+    #[test]
+    fn authority_defaults_to_cluster() {
+        let c = Config::default();
+        assert_eq!(c.health.authority(), "upstream");
+        let c = Config::parse(br#"{"health":{"upstream_authority":"origin.local"}}"#).unwrap();
+        assert_eq!(c.health.authority(), "origin.local");
+    }
+}
