@@ -1,0 +1,133 @@
+//! Host services: shared data, time and metrics, over the SDK's host calls.
+
+use crate::cache::store::{SetError, SharedData};
+use crate::metrics::{self as names, CacheResult, STATUS_CLASSES};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{MetricType, Status};
+use std::time::UNIX_EPOCH;
+
+/// Proxy-Wasm shared data (one map per `vm_id`, shared by all workers).
+pub struct HostShared;
+
+impl SharedData for HostShared {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(v), cas)) => Some((v, cas.unwrap_or(0))),
+            _ => None,
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let cas = (cas != 0).then_some(cas);
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(_) => Err(SetError::Host),
+        }
+    }
+}
+
+/// Wall-clock time in Unix milliseconds, from the host.
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock time in Unix microseconds, for timing the filter's own callbacks.
+pub fn now_us() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Metric ids, defined once per VM. Id 0 means "not defined" and is skipped.
+pub struct Metrics {
+    requests: [[u32; STATUS_CLASSES.len()]; CacheResult::ALL.len()],
+    health: [[u32; 3]; 2],
+    pub served_bytes: u32,
+    pub upstream_bytes: u32,
+    pub stores: u32,
+    pub evictions: u32,
+    pub config_failures: u32,
+    pub entries: u32,
+    pub bytes: u32,
+    pub capacity_bytes: u32,
+    pub capacity_entries: u32,
+    pub upstream_ready: u32,
+    pub upstream_response_ms: u32,
+    pub cpu_us: u32,
+}
+
+fn define(t: MetricType, name: &str) -> u32 {
+    hostcalls::define_metric(t, name).unwrap_or(0)
+}
+
+impl Metrics {
+    /// Defines every metric, labelled ones for every label value, so that dashboards see
+    /// zeros instead of missing series.
+    pub fn define() -> Metrics {
+        let mut requests = [[0; STATUS_CLASSES.len()]; CacheResult::ALL.len()];
+        for (i, r) in CacheResult::ALL.iter().enumerate() {
+            for (j, c) in STATUS_CLASSES.iter().enumerate() {
+                requests[i][j] = define(MetricType::Counter, &names::requests_name(*r, c));
+            }
+        }
+        let mut health = [[0; 3]; 2];
+        for (i, p) in ["liveness", "readiness"].iter().enumerate() {
+            for (j, s) in ["pass", "warn", "fail"].iter().enumerate() {
+                health[i][j] = define(MetricType::Counter, &names::health_name(p, s));
+            }
+        }
+        use MetricType::{Counter, Gauge, Histogram};
+        Metrics {
+            requests,
+            health,
+            served_bytes: define(Counter, names::CACHE_SERVED_BYTES_TOTAL),
+            upstream_bytes: define(Counter, names::UPSTREAM_RECEIVED_BYTES_TOTAL),
+            stores: define(Counter, names::CACHE_STORES_TOTAL),
+            evictions: define(Counter, names::CACHE_EVICTIONS_TOTAL),
+            config_failures: define(Counter, names::CONFIG_FAILURES_TOTAL),
+            entries: define(Gauge, names::CACHE_ENTRIES),
+            bytes: define(Gauge, names::CACHE_BYTES),
+            capacity_bytes: define(Gauge, names::CACHE_CAPACITY_BYTES),
+            capacity_entries: define(Gauge, names::CACHE_CAPACITY_ENTRIES),
+            upstream_ready: define(Gauge, names::UPSTREAM_READY),
+            upstream_response_ms: define(Histogram, names::UPSTREAM_RESPONSE_TIME_MS),
+            cpu_us: define(Histogram, names::REQUEST_CPU_TIME_US),
+        }
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(&self, id: u32, n: u64) {
+        if id != 0 && n > 0 {
+            let _ = hostcalls::increment_metric(id, n.min(i64::MAX as u64) as i64);
+        }
+    }
+
+    /// Sets a gauge or records a histogram sample.
+    pub fn record(&self, id: u32, v: u64) {
+        if id != 0 {
+            let _ = hostcalls::record_metric(id, v);
+        }
+    }
+
+    /// Counts one request.
+    pub fn request(&self, result: CacheResult, status: u32) {
+        let i = CacheResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        self.add(self.requests[i][names::status_class(status)], 1);
+    }
+
+    /// Counts one health probe; `probe` 0 is liveness, 1 readiness.
+    pub fn health(&self, probe: usize, status: crate::health::Status) {
+        let j = status as usize;
+        if let Some(id) = self.health.get(probe).and_then(|p| p.get(j)) {
+            self.add(*id, 1);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The Proxy-Wasm glue: moves headers and bytes between the host and the pure modules.
+
+mod host;
+mod http;
+mod root;
+
+use proxy_wasm::traits::RootContext;
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    // Info: debug formatting would cost time on every request.
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::new()) });
+}}

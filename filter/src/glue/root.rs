@@ -1,0 +1,223 @@
+//! The root context: configuration, the tick (LRU flush, gauges, readiness checks) and the
+//! readiness check's HTTP call.
+
+use super::host::{now_ms, HostShared, Metrics};
+use super::http::Http;
+use crate::cache::store::{Limits, Store};
+use crate::config::Config;
+use crate::health::UpstreamCheck;
+use log::{error, warn};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Shared-data namespace; the `1` is the layout version of the index and entries.
+pub const NAMESPACE: &str = "ef1";
+/// Shared-data key of the latest readiness check, so every worker answers the same.
+pub const READY_KEY: &str = "ef1/ready";
+
+/// What the root context and its HTTP contexts share in one VM.
+pub struct State {
+    pub config: Config,
+    pub store: Store<HostShared>,
+    pub metrics: Rc<Metrics>,
+    pub started_ms: u64,
+}
+
+impl State {
+    /// Publishes the store's usage as gauges.
+    pub fn publish_usage(&self) {
+        let u = self.store.usage();
+        self.metrics
+            .record(self.metrics.entries, u64::from(u.entries));
+        self.metrics.record(self.metrics.bytes, u.bytes);
+    }
+}
+
+pub struct Root {
+    state: Rc<RefCell<Option<State>>>,
+    metrics: Option<Rc<Metrics>>,
+    started_ms: u64,
+    /// Token and send time of the readiness check in flight.
+    in_flight: Option<(u32, u64)>,
+    next_check_ms: u64,
+}
+
+impl Root {
+    pub fn new() -> Root {
+        Root {
+            state: Rc::new(RefCell::new(None)),
+            metrics: None,
+            started_ms: 0,
+            in_flight: None,
+            next_check_ms: 0,
+        }
+    }
+
+    fn metrics(&mut self) -> Rc<Metrics> {
+        self.metrics
+            .get_or_insert_with(|| Rc::new(Metrics::define()))
+            .clone()
+    }
+
+    fn check_upstream(&mut self, now: u64) {
+        let state = self.state.borrow();
+        let Some(s) = state.as_ref() else { return };
+        let h = &s.config.health;
+        let headers = vec![
+            (":method", "GET"),
+            (":path", h.check_path.as_str()),
+            (":authority", h.authority()),
+            (":scheme", "http"),
+            ("user-agent", "edge-filter-readiness"),
+        ];
+        let timeout = Duration::from_millis(h.check_timeout_ms);
+        match self.dispatch_http_call(&h.upstream_cluster, headers, None, vec![], timeout) {
+            Ok(token) => {
+                drop(state);
+                self.in_flight = Some((token, now));
+            }
+            Err(status) => {
+                let output = format!(
+                    "cannot call cluster `{}` ({status:?}): is it defined?",
+                    h.upstream_cluster
+                );
+                drop(state);
+                self.publish_check(UpstreamCheck {
+                    ok: false,
+                    at_ms: now,
+                    response_time_ms: 0,
+                    output,
+                });
+            }
+        }
+    }
+
+    fn publish_check(&self, check: UpstreamCheck) {
+        if let Some(m) = &self.metrics {
+            m.record(m.upstream_ready, u64::from(check.ok));
+        }
+        let _ = proxy_wasm::hostcalls::set_shared_data(READY_KEY, Some(&check.encode()), None);
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
+        let Some((expected, sent)) = self.in_flight else {
+            return;
+        };
+        if token != expected {
+            return;
+        }
+        self.in_flight = None;
+        let now = now_ms();
+        let status = self.get_http_call_response_header(":status");
+        let ok = status
+            .as_deref()
+            .and_then(|s| s.parse::<u16>().ok())
+            .is_some_and(|s| (200..300).contains(&s));
+        let output = match status {
+            Some(s) => format!("upstream answered {s}"),
+            None => "no response: timeout, reset or connection failure".to_string(),
+        };
+        self.publish_check(UpstreamCheck {
+            ok,
+            at_ms: now,
+            response_time_ms: now.saturating_sub(sent),
+            output,
+        });
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _: usize) -> bool {
+        self.started_ms = now_ms();
+        self.metrics();
+        true
+    }
+
+    fn on_configure(&mut self, _: usize) -> bool {
+        let metrics = self.metrics();
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match Config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                // One line that names the field: Envoy shows it when it refuses the filter.
+                error!("edge-filter: {e}");
+                metrics.add(metrics.config_failures, 1);
+                return false;
+            }
+        };
+        let limits = Limits {
+            max_entries: config.cache.max_entries,
+            max_total_bytes: config.cache.max_total_bytes,
+            max_entry_bytes: config.cache.max_entry_bytes,
+        };
+        let mut store = Store::new(HostShared, NAMESPACE, limits);
+        if let Err(e) = store.init() {
+            warn!("edge-filter: cache index not initialised ({e}); will retry on first store");
+        }
+        metrics.record(metrics.capacity_bytes, limits.max_total_bytes);
+        metrics.record(metrics.capacity_entries, u64::from(limits.max_entries));
+        let tick = config.health.check_period_ms.min(1000);
+        let state = State {
+            config,
+            store,
+            metrics,
+            started_ms: if self.started_ms == 0 {
+                now_ms()
+            } else {
+                self.started_ms
+            },
+        };
+        state.publish_usage();
+        *self.state.borrow_mut() = Some(state);
+        self.next_check_ms = 0;
+        self.set_tick_period(Duration::from_millis(tick));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        let (period, timeout) = {
+            let mut guard = self.state.borrow_mut();
+            let Some(s) = guard.as_mut() else { return };
+            s.store.flush_touches();
+            let _ = s.store.refresh();
+            s.publish_usage();
+            (
+                s.config.health.check_period_ms,
+                s.config.health.check_timeout_ms,
+            )
+        };
+        // A check the host never answered is abandoned after its timeout and a period.
+        if let Some((_, sent)) = self.in_flight {
+            if now.saturating_sub(sent) > timeout + period {
+                self.in_flight = None;
+            }
+        }
+        if self.in_flight.is_none() && now >= self.next_check_ms {
+            self.next_check_ms = now + period;
+            // Every worker has a timer, but one check per period is enough for all of them:
+            // skip when another worker's result is recent.
+            let recent = proxy_wasm::hostcalls::get_shared_data(READY_KEY)
+                .ok()
+                .and_then(|(v, _)| v)
+                .and_then(|v| UpstreamCheck::decode(&v))
+                .is_some_and(|c| now.saturating_sub(c.at_ms) < period / 2);
+            if !recent {
+                self.check_upstream(now);
+            }
+        }
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http::new(self.state.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
