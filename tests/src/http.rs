@@ -1,0 +1,415 @@
+//! A small HTTP/1.1 implementation: header maps, message heads, body framing
+//! (Content-Length, chunked, read-until-close) and a one-request-per-connection client.
+//!
+//! Written for tests: it is strict where a mistake would hide a bug (a body cut short is
+//! an error, never a shorter body) and bounded everywhere (head size, timeouts).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Largest request or response head (start line plus headers) that is accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How long a client waits for a connection or for the next bytes of a response.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// An ordered header list that keeps duplicates; name lookups ignore ASCII case.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// An empty header list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a header, keeping any earlier one of the same name.
+    pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    /// The first value of `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Every value of `name`, in the order they were received.
+    pub fn get_all(&self, name: &str) -> Vec<&str> {
+        self.iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Whether at least one header is called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// All headers as `(name, value)` pairs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Number of header lines.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no headers at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
+        Headers(
+            iter.into_iter()
+                .map(|(n, v)| (n.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+/// A complete HTTP response as a client received it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Status code, e.g. 200.
+    pub status: u16,
+    /// Response headers (multi-valued, case-insensitive lookup).
+    pub headers: Headers,
+    /// The whole body, de-chunked. Empty for HEAD, 204 and 304.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)
+    }
+
+    /// The body as text (lossy), for assertions and messages.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// How a message body is delimited on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes.
+    Length(usize),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Everything until the peer closes the connection (responses only).
+    UntilClose,
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn eof(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, msg.into())
+}
+
+/// Reads one CRLF- (or LF-) terminated line, without the terminator.
+/// Returns `None` on a clean end of stream before any byte of the line.
+fn read_line(r: &mut impl BufRead, budget: &mut usize) -> io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(*budget as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > *budget {
+        return Err(invalid("HTTP head too large"));
+    }
+    *budget -= n;
+    if line.last() != Some(&b'\n') {
+        return Err(eof("connection closed inside an HTTP head"));
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|_| invalid("non-UTF-8 bytes in HTTP head"))
+}
+
+/// Reads a message head: the start line and the headers.
+/// Returns `None` when the peer closed the connection before sending anything
+/// (the normal end of a keep-alive connection).
+pub fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Headers)>> {
+    let mut budget = MAX_HEAD_BYTES;
+    let start = match read_line(r, &mut budget)? {
+        None => return Ok(None),
+        Some(line) => line,
+    };
+    let mut headers = Headers::new();
+    loop {
+        let line = read_line(r, &mut budget)?
+            .ok_or_else(|| eof("connection closed inside HTTP headers"))?;
+        if line.is_empty() {
+            return Ok(Some((start, headers)));
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| invalid(format!("malformed header line {line:?}")))?;
+        headers.push(name.trim(), value.trim());
+    }
+}
+
+/// The body framing that `headers` declare; `default` applies when neither
+/// Transfer-Encoding nor Content-Length is present.
+pub fn framing(headers: &Headers, default: Framing) -> io::Result<Framing> {
+    if let Some(te) = headers.get("transfer-encoding") {
+        if te.to_ascii_lowercase().contains("chunked") {
+            return Ok(Framing::Chunked);
+        }
+        return Err(invalid(format!("unsupported transfer-encoding {te:?}")));
+    }
+    match headers.get("content-length") {
+        Some(cl) => cl
+            .parse()
+            .map(Framing::Length)
+            .map_err(|_| invalid(format!("bad content-length {cl:?}"))),
+        None => Ok(default),
+    }
+}
+
+/// Reads a body with the given framing. A body that ends early is an
+/// `UnexpectedEof` error, never a short body.
+pub fn read_body(r: &mut impl BufRead, framing: Framing) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    match framing {
+        Framing::Empty => {}
+        Framing::Length(n) => {
+            r.by_ref().take(n as u64).read_to_end(&mut body)?;
+            if body.len() != n {
+                return Err(eof(format!(
+                    "body cut short: {} of {n} bytes (Content-Length)",
+                    body.len()
+                )));
+            }
+        }
+        Framing::UntilClose => {
+            r.read_to_end(&mut body)?;
+        }
+        Framing::Chunked => {
+            let mut budget = MAX_HEAD_BYTES;
+            loop {
+                let line = read_line(r, &mut budget)?.ok_or_else(|| {
+                    eof(format!("chunked body cut short after {} bytes", body.len()))
+                })?;
+                let size_hex = line.split(';').next().unwrap_or("").trim();
+                let size = usize::from_str_radix(size_hex, 16)
+                    .map_err(|_| invalid(format!("bad chunk size line {line:?}")))?;
+                if size == 0 {
+                    // Trailers (ignored) end with an empty line.
+                    loop {
+                        let t = read_line(r, &mut budget)?
+                            .ok_or_else(|| eof("connection closed inside chunked trailers"))?;
+                        if t.is_empty() {
+                            return Ok(body);
+                        }
+                    }
+                }
+                let before = body.len();
+                r.by_ref().take(size as u64).read_to_end(&mut body)?;
+                if body.len() - before != size {
+                    return Err(eof(format!(
+                        "chunk cut short after {} bytes of body",
+                        body.len()
+                    )));
+                }
+                let crlf = read_line(r, &mut budget)?.ok_or_else(|| eof("missing chunk CRLF"))?;
+                if !crlf.is_empty() {
+                    return Err(invalid("chunk data longer than its declared size"));
+                }
+            }
+        }
+    }
+    Ok(body)
+}
+
+/// Whether a response to `method` with `status` carries no body whatever its headers say.
+pub fn response_has_no_body(method: &str, status: u16) -> bool {
+    method.eq_ignore_ascii_case("HEAD") || status == 204 || status == 304 || status < 200
+}
+
+/// Sends one request on a new connection (`Connection: close`) and reads the whole
+/// response. `headers` are sent as given, after a default `Host` when they have none;
+/// a `Content-Length` is added when there is a body or the method usually has one.
+pub fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
+    let stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str("Host: edge.test\r\n");
+    }
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    let needs_length = !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH");
+    if needs_length
+        && !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+    {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+
+    let mut writer = stream.try_clone()?;
+    writer.write_all(head.as_bytes())?;
+    writer.write_all(body)?;
+    writer.flush()?;
+
+    let mut reader = BufReader::new(stream);
+    loop {
+        let (start, headers) =
+            read_head(&mut reader)?.ok_or_else(|| eof("connection closed before any response"))?;
+        let status = parse_status_line(&start)?;
+        if (100..200).contains(&status) {
+            continue; // 100 Continue and friends precede the real response.
+        }
+        let framing = if response_has_no_body(method, status) {
+            Framing::Empty
+        } else {
+            framing(&headers, Framing::UntilClose)?
+        };
+        let body = read_body(&mut reader, framing)?;
+        return Ok(Response {
+            status,
+            headers,
+            body,
+        });
+    }
+}
+
+/// Writes `request` verbatim on a new connection and returns every byte the peer sends
+/// until it closes the connection: for checks on the exact wire format (e.g. that a
+/// HEAD response carries no body). The request should say `Connection: close`.
+pub fn exchange_raw(addr: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.write_all(request)?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Parses `HTTP/1.1 200 OK` into 200.
+fn parse_status_line(line: &str) -> io::Result<u16> {
+    let mut parts = line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(invalid(format!("not an HTTP/1.x status line: {line:?}")));
+    }
+    parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid(format!("bad status line {line:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(bytes: &[u8]) -> BufReader<&[u8]> {
+        BufReader::new(bytes)
+    }
+
+    #[test]
+    fn headers_are_multi_valued_and_case_insensitive() {
+        let h: Headers = [("Vary", "a"), ("vary", "b"), ("X-One", "1")]
+            .into_iter()
+            .collect();
+        assert_eq!(h.get("VARY"), Some("a"));
+        assert_eq!(h.get_all("vary"), vec!["a", "b"]);
+        assert!(h.contains("x-one"));
+        assert!(!h.contains("x-two"));
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn reads_a_head_and_stops_at_the_blank_line() {
+        let mut r = reader(b"GET /a HTTP/1.1\r\nHost: x\r\nA:  b \r\n\r\nrest");
+        let (start, h) = read_head(&mut r).unwrap().unwrap();
+        assert_eq!(start, "GET /a HTTP/1.1");
+        assert_eq!(h.get("a"), Some("b"));
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "rest");
+    }
+
+    #[test]
+    fn clean_eof_is_none_but_eof_inside_a_head_is_an_error() {
+        assert!(read_head(&mut reader(b"")).unwrap().is_none());
+        assert!(read_head(&mut reader(b"GET / HTTP/1.1\r\nHost: x\r\n")).is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined_and_truncation_is_an_error() {
+        let ok = b"5\r\nhello\r\n1;ext=1\r\n!\r\n0\r\nT: 1\r\n\r\n";
+        assert_eq!(
+            read_body(&mut reader(ok), Framing::Chunked).unwrap(),
+            b"hello!"
+        );
+        let cut = b"5\r\nhello\r\n";
+        let err = read_body(&mut reader(cut), Framing::Chunked).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn content_length_body_cut_short_is_an_error() {
+        let err = read_body(&mut reader(b"abc"), Framing::Length(10)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_body(&mut reader(b"abcdef"), Framing::Length(3)).unwrap(),
+            b"abc"
+        );
+    }
+
+    #[test]
+    fn framing_prefers_chunked_over_length() {
+        let h: Headers = [("Content-Length", "3"), ("Transfer-Encoding", "chunked")]
+            .into_iter()
+            .collect();
+        assert_eq!(framing(&h, Framing::Empty).unwrap(), Framing::Chunked);
+        let h: Headers = [("content-length", "12")].into_iter().collect();
+        assert_eq!(framing(&h, Framing::Empty).unwrap(), Framing::Length(12));
+        assert_eq!(
+            framing(&Headers::new(), Framing::UntilClose).unwrap(),
+            Framing::UntilClose
+        );
+    }
+
+    #[test]
+    fn status_line_parsing() {
+        assert_eq!(
+            parse_status_line("HTTP/1.1 503 Service Unavailable").unwrap(),
+            503
+        );
+        assert!(parse_status_line("SSH-2.0 x").is_err());
+    }
+}
