@@ -36,6 +36,15 @@ pub struct CacheConfig {
     pub methods: Vec<String>,
     /// Adds the RFC 9211 `Cache-Status` header to responses.
     pub cache_status: bool,
+    /// Fraction of `Date - Last-Modified` used as heuristic freshness (RFC 9111 §4.2.2).
+    pub heuristic_fraction: f64,
+    /// Cap on heuristic freshness, seconds.
+    pub heuristic_max_secs: u64,
+    /// Operator's grace: serve a stale entry this many seconds past expiry when the upstream
+    /// fails, even without `stale-if-error` (never past `must-revalidate`). 0 is off.
+    pub stale_if_error_grace_secs: u64,
+    /// How long a background refresh (stale-while-revalidate) may take.
+    pub refresh_timeout_ms: u64,
 }
 
 /// Limits that keep the shared index and the per-request work bounded.
@@ -59,6 +68,10 @@ impl Default for CacheConfig {
             statuses: vec![200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501],
             methods: vec!["GET".into(), "HEAD".into()],
             cache_status: true,
+            heuristic_fraction: 0.1,
+            heuristic_max_secs: 86_400,
+            stale_if_error_grace_secs: 0,
+            refresh_timeout_ms: 5_000,
         }
     }
 }
@@ -251,6 +264,18 @@ impl Config {
                 ));
             }
         }
+        if !(0.0..=1.0).contains(&c.heuristic_fraction) {
+            return Err(ConfigError::new(
+                "cache.heuristic_fraction",
+                "must be in [0, 1]",
+            ));
+        }
+        if c.refresh_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "cache.refresh_timeout_ms",
+                "must be positive",
+            ));
+        }
         let h = &self.health;
         for (field, path) in [
             ("health.liveness_path", &h.liveness_path),
@@ -377,6 +402,14 @@ mod tests {
             ),
             (br#"{"cache":{"statuses":[206]}}"#, "cache.statuses"),
             (br#"{"cache":{"methods":["POST"]}}"#, "cache.methods"),
+            (
+                br#"{"cache":{"heuristic_fraction":2}}"#,
+                "cache.heuristic_fraction",
+            ),
+            (
+                br#"{"cache":{"refresh_timeout_ms":0}}"#,
+                "cache.refresh_timeout_ms",
+            ),
             (
                 br#"{"health":{"liveness_path":"x"}}"#,
                 "health.liveness_path",

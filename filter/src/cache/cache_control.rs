@@ -68,6 +68,8 @@ pub struct CacheControl {
     pub proxy_revalidate: bool,
     /// `only-if-cached` (§5.2.1.7).
     pub only_if_cached: bool,
+    /// `must-understand` (§5.2.2.3).
+    pub must_understand: bool,
     /// `stale-while-revalidate` (RFC 5861 §3).
     pub stale_while_revalidate: Delta,
     /// `stale-if-error` (RFC 5861 §4).
@@ -107,6 +109,7 @@ impl CacheControl {
             "must-revalidate" => self.must_revalidate = true,
             "proxy-revalidate" => self.proxy_revalidate = true,
             "only-if-cached" => self.only_if_cached = true,
+            "must-understand" => self.must_understand = true,
             _ => {} // §5.2.3: unrecognised directives are ignored.
         }
     }

@@ -18,6 +18,14 @@ pub fn values<'a>(h: &'a Headers, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// Every value of `name` in borrowed header pairs (a decoded entry's fields).
+pub fn header_values<'a>(h: &[(&'a str, &'a str)], name: &str) -> Vec<&'a str> {
+    h.iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| *v)
+        .collect()
+}
+
 fn has(h: &Headers, name: &str) -> bool {
     h.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
 }
@@ -218,7 +226,15 @@ pub struct StoreContext<'a> {
     pub request_time: u64,
     /// When the response headers arrived.
     pub response_time: u64,
+    /// Fraction of `Date - Last-Modified` used as heuristic freshness (RFC 9111 §4.2.2).
+    pub heuristic_fraction: f64,
+    /// Cap on heuristic freshness, seconds.
+    pub heuristic_max_secs: u64,
 }
+
+/// RFC 9110 §15.1: statuses cacheable by default, for which heuristic freshness may be used.
+pub const HEURISTICALLY_CACHEABLE: [u16; 12] =
+    [200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501];
 
 /// RFC 9111 §3: may this response be stored? `resp` excludes pseudo-headers.
 pub fn storable(
@@ -237,7 +253,9 @@ pub fn storable(
         return Err(NotStored::Status);
     }
     let cc = CacheControl::parse(values(resp, "cache-control"));
-    if cc.no_store {
+    // §5.2.2.3: with must-understand, a cache that understands the status ignores no-store;
+    // every status it may store is one it understands.
+    if cc.no_store && !cc.must_understand {
         return Err(NotStored::NoStore);
     }
     if matches!(&cc.private, Some(f) if f.is_empty()) {
@@ -265,10 +283,13 @@ pub fn storable(
     let has_validator = has(resp, "etag") || has(resp, "last-modified");
     let lifetime = match lifetime {
         Some((l, _)) => l,
-        // Heuristic freshness is not applied; a no-cache response with a validator is kept
-        // so that it can be revalidated.
-        None if cc.requires_validation() && has_validator => 0,
-        None => return Err(NotStored::NoFreshness),
+        None => match heuristic_lifetime(status, &cc, resp, &date_lines, ctx) {
+            Some(l) => l,
+            // Nothing to go on, but a validator: stored stale, revalidated on every use.
+            None if has_validator && heuristic_allowed(status, &cc) => 0,
+            None if cc.requires_validation() && has_validator => 0,
+            None => return Err(NotStored::NoFreshness),
+        },
     };
     if let Some(len) = content_length(resp) {
         if len > ctx.max_entry_bytes {
@@ -302,6 +323,171 @@ pub fn storable(
         },
         vary,
     })
+}
+
+/// RFC 9111 §4.2.2: heuristics only for statuses cacheable by default or responses marked
+/// `public`.
+fn heuristic_allowed(status: u16, cc: &CacheControl) -> bool {
+    HEURISTICALLY_CACHEABLE.contains(&status) || cc.public
+}
+
+/// RFC 9111 §4.2.2: a fraction of the time since `Last-Modified`, capped; `None` without a
+/// usable `Last-Modified`.
+fn heuristic_lifetime(
+    status: u16,
+    cc: &CacheControl,
+    resp: &Headers,
+    date_lines: &[&str],
+    ctx: &StoreContext<'_>,
+) -> Option<u64> {
+    if !heuristic_allowed(status, cc) || ctx.heuristic_fraction <= 0.0 {
+        return None;
+    }
+    let [lm] = values(resp, "last-modified")[..] else {
+        return None;
+    };
+    let lm = freshness::parse_http_date(lm)?;
+    let date = freshness::single_date(date_lines).unwrap_or(ctx.response_time);
+    let age = date.checked_sub(lm)?;
+    Some(((age as f64 * ctx.heuristic_fraction) as u64).min(ctx.heuristic_max_secs))
+}
+
+/// Why a stale response may be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    /// RFC 5861 §3 `stale-while-revalidate`.
+    WhileRevalidate,
+    /// RFC 5861 §4 `stale-if-error`, or the operator's grace.
+    IfError,
+}
+
+impl StaleReason {
+    /// `Cache-Status` `detail` and log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleReason::WhileRevalidate => "stale-while-revalidate",
+            StaleReason::IfError => "stale-if-error",
+        }
+    }
+}
+
+/// May a stale stored response be served for `reason`? Returns its (negative) ttl.
+///
+/// RFC 9111 §4.2.4: never when `must-revalidate`, `proxy-revalidate`, `s-maxage` or
+/// unqualified `no-cache` forbid it. RFC 5861: within the directive's window, taken from the
+/// response (`stored_cc`) or, for errors, also from the request; `grace_secs` is the
+/// operator's window for upstream failure (0: off).
+pub fn stale_allowed(
+    stored: &ResponseMeta,
+    stored_cc: &CacheControl,
+    req: &RequestPolicy,
+    now: u64,
+    reason: StaleReason,
+    grace_secs: u64,
+) -> Option<i64> {
+    if stored.has(flags::FORBIDS_STALE) || stored.has(flags::REQUIRES_VALIDATION) {
+        return None;
+    }
+    let age = freshness::current_age(u64::from(stored.initial_age), stored.response_time, now);
+    let ttl = i64::from(stored.lifetime) - age as i64;
+    let staleness = u64::try_from(-ttl).unwrap_or(0);
+    let window = match reason {
+        StaleReason::WhileRevalidate => {
+            // A client that asked for validation or a bounded age does not get stale.
+            if req.no_cache || req.cc.max_age.is_present() || req.cc.min_fresh.is_present() {
+                return None;
+            }
+            u64::from(stored_cc.stale_while_revalidate.seconds().unwrap_or(0))
+        }
+        StaleReason::IfError => {
+            let resp = stored_cc.stale_if_error.seconds().unwrap_or(0);
+            let request = req.cc.stale_if_error.seconds().unwrap_or(0);
+            u64::from(resp.max(request)).max(grace_secs)
+        }
+    };
+    (staleness <= window && window > 0).then_some(ttl)
+}
+
+/// RFC 9111 §3.2 and §4.3.4: the stored header fields updated from a 304 (or a HEAD
+/// response): each field the new response has replaces the stored one, except fields that
+/// are not stored at all and `Content-Length`.
+pub fn freshen(stored: &[(&str, &str)], new: &Headers) -> Vec<(String, String)> {
+    let incoming = stored_headers(new, &[]);
+    let mut out: Vec<(String, String)> = stored
+        .iter()
+        .filter(|(n, _)| !incoming.iter().any(|(m, _)| m == n))
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    out.extend(incoming);
+    out
+}
+
+/// Methods that are safe (RFC 9110 §9.2.1) and so never invalidate.
+pub fn is_safe_method(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE")
+}
+
+/// RFC 9111 §4.4: after a non-error response to an unsafe method, the target URI and the
+/// same-origin `Location` and `Content-Location` URIs are invalidated. `request` is the
+/// target's key; returns the keys to remove.
+pub fn invalidation_targets(
+    method: &str,
+    status: u16,
+    request: &super::key::CacheKey,
+    resp: &Headers,
+) -> Vec<super::key::CacheKey> {
+    use super::key::CacheKey;
+    if is_safe_method(method) || !(200..400).contains(&status) {
+        return Vec::new();
+    }
+    let mut out = vec![request.clone()];
+    let base = request.as_str();
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return out;
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    for name in ["location", "content-location"] {
+        for v in values(resp, name) {
+            let v = v.trim();
+            let (s, a, p) = if let Some((vs, vr)) = v.split_once("://") {
+                let (va, vp) = vr.split_at(vr.find('/').unwrap_or(vr.len()));
+                (vs.to_string(), va.to_string(), vp.to_string())
+            } else if let Some(vr) = v.strip_prefix("//") {
+                let (va, vp) = vr.split_at(vr.find('/').unwrap_or(vr.len()));
+                (scheme.to_string(), va.to_string(), vp.to_string())
+            } else if v.starts_with('/') {
+                (scheme.to_string(), authority.to_string(), v.to_string())
+            } else {
+                // A relative reference merges with the base path (RFC 3986 §5.2.3).
+                let dir = &path[..path
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+                    .rfind('/')
+                    .map_or(0, |i| i + 1)];
+                (
+                    scheme.to_string(),
+                    authority.to_string(),
+                    format!("{dir}{v}"),
+                )
+            };
+            if let Ok(k) = CacheKey::new(&s, &a, &p) {
+                // Same origin only: another origin's entries are not this response's to drop.
+                let origin = |k: &str| {
+                    k.find('/')
+                        .and_then(|i| k[i + 2..].find('/').map(|j| i + 2 + j))
+                };
+                let same = match (origin(k.as_str()), origin(base)) {
+                    (Some(x), Some(y)) => k.as_str()[..x] == base[..y],
+                    _ => false,
+                };
+                if same && !out.contains(&k) {
+                    out.push(k);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The declared body length, when there is exactly one valid `Content-Length`.
@@ -380,6 +566,8 @@ mod tests {
             max_entry_bytes: 1000,
             request_time: T - 1,
             response_time: T,
+            heuristic_fraction: 0.1,
+            heuristic_max_secs: 86_400,
         }
     }
 
@@ -553,6 +741,162 @@ mod tests {
             store(200, &[("cache-control", "no-cache")]),
             Err(NotStored::NoFreshness)
         );
+    }
+
+    #[test]
+    fn must_understand_overrides_no_store_for_understood_statuses() {
+        // RFC 9111 §5.2.2.3
+        assert!(store(
+            200,
+            &[("cache-control", "must-understand, no-store, max-age=5")]
+        )
+        .is_ok());
+        assert_eq!(
+            store(
+                500,
+                &[("cache-control", "must-understand, no-store, max-age=5")]
+            ),
+            Err(NotStored::Status)
+        );
+    }
+
+    #[test]
+    fn heuristic_freshness_is_a_capped_fraction_of_the_age() {
+        // RFC 9111 §4.2.2: 10% of (Date - Last-Modified), capped.
+        let date = freshness::format_http_date(T);
+        let lm = freshness::format_http_date(T - 1000);
+        let s = store(200, &[("date", &date), ("last-modified", &lm)]).unwrap();
+        assert_eq!(s.meta.lifetime, 100);
+        let old = freshness::format_http_date(T - 100_000_000);
+        let s = store(200, &[("date", &date), ("last-modified", &old)]).unwrap();
+        assert_eq!(s.meta.lifetime, 86_400);
+        // Not for statuses that are not cacheable by default, unless public.
+        let req = RequestPolicy::default();
+        let c = StoreContext {
+            statuses: &[200, 302],
+            ..ctx(&req)
+        };
+        let r = storable(302, &hdrs(&[("date", &date), ("last-modified", &lm)]), &c);
+        assert_eq!(r, Err(NotStored::NoFreshness));
+        let public = hdrs(&[
+            ("date", &date),
+            ("last-modified", &lm),
+            ("cache-control", "public"),
+        ]);
+        assert_eq!(storable(302, &public, &c).unwrap().meta.lifetime, 100);
+        // Explicit freshness always wins (§4.2.2: MUST NOT use heuristics then).
+        let explicit = [
+            ("date", date.as_str()),
+            ("last-modified", &lm),
+            ("cache-control", "max-age=7"),
+        ];
+        assert_eq!(store(200, &explicit).unwrap().meta.lifetime, 7);
+    }
+
+    #[test]
+    fn etag_only_response_is_stored_for_revalidation() {
+        let s = store(200, &[("etag", "\"a\"")]).unwrap();
+        assert_eq!(s.meta.lifetime, 0);
+        let r = reuse(&s.meta, &RequestPolicy::default(), T + 1);
+        assert_eq!(r, Reuse::Forward(Forward::Stale));
+    }
+
+    #[test]
+    fn stale_while_revalidate_window_and_prohibitions() {
+        // RFC 5861 §3; RFC 9111 §4.2.4.
+        let m = meta(10, 0, 0);
+        let cc = CacheControl::parse(["max-age=10, stale-while-revalidate=5"]);
+        let req = RequestPolicy::default();
+        let swr = StaleReason::WhileRevalidate;
+        assert_eq!(stale_allowed(&m, &cc, &req, T + 12, swr, 0), Some(-2));
+        assert_eq!(stale_allowed(&m, &cc, &req, T + 15, swr, 0), Some(-5));
+        assert_eq!(stale_allowed(&m, &cc, &req, T + 16, swr, 0), None);
+        let strict = meta(10, 0, flags::FORBIDS_STALE);
+        assert_eq!(stale_allowed(&strict, &cc, &req, T + 12, swr, 0), None);
+        let no_cache = RequestPolicy::from_request(&hdrs(&[("cache-control", "no-cache")]));
+        assert_eq!(stale_allowed(&m, &cc, &no_cache, T + 12, swr, 0), None);
+        // Without the directive there is no window.
+        let none = CacheControl::default();
+        assert_eq!(stale_allowed(&m, &none, &req, T + 12, swr, 0), None);
+    }
+
+    #[test]
+    fn stale_if_error_from_response_request_or_grace() {
+        // RFC 5861 §4
+        let m = meta(10, 0, 0);
+        let none = CacheControl::default();
+        let sie = StaleReason::IfError;
+        let req = RequestPolicy::default();
+        let resp = CacheControl::parse(["stale-if-error=30"]);
+        assert_eq!(stale_allowed(&m, &resp, &req, T + 40, sie, 0), Some(-30));
+        assert_eq!(stale_allowed(&m, &resp, &req, T + 41, sie, 0), None);
+        let rq = RequestPolicy::from_request(&hdrs(&[("cache-control", "stale-if-error=100")]));
+        assert_eq!(stale_allowed(&m, &none, &rq, T + 50, sie, 0), Some(-40));
+        assert_eq!(stale_allowed(&m, &none, &req, T + 50, sie, 60), Some(-40));
+        assert_eq!(stale_allowed(&m, &none, &req, T + 50, sie, 0), None);
+        // must-revalidate wins over every window (RFC 9111 §5.2.2.2).
+        let strict = meta(10, 0, flags::FORBIDS_STALE);
+        assert_eq!(stale_allowed(&strict, &none, &rq, T + 50, sie, 600), None);
+    }
+
+    #[test]
+    fn freshening_replaces_fields_but_not_content_length() {
+        // RFC 9111 §3.2
+        let stored = [
+            ("etag", "\"a\""),
+            ("cache-control", "max-age=1"),
+            ("x-old", "1"),
+            ("content-type", "text/plain"),
+        ];
+        let new = hdrs(&[
+            ("cache-control", "max-age=60"),
+            ("content-length", "0"),
+            ("x-new", "2"),
+            ("connection", "close"),
+        ]);
+        let out = freshen(&stored, &new);
+        let get = |n: &str| {
+            out.iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("cache-control"), ["max-age=60"]);
+        assert_eq!(get("x-old"), ["1"]);
+        assert_eq!(get("x-new"), ["2"]);
+        assert!(get("content-length").is_empty() && get("connection").is_empty());
+        assert_eq!(get("etag"), ["\"a\""]);
+    }
+
+    #[test]
+    fn unsafe_methods_invalidate_target_and_same_origin_locations() {
+        // RFC 9111 §4.4
+        use crate::cache::key::CacheKey;
+        let k = CacheKey::new("http", "h", "/a/b?x=1").unwrap();
+        let names = |h: &[(&str, &str)], m: &str, s: u16| -> Vec<String> {
+            invalidation_targets(m, s, &k, &hdrs(h))
+                .iter()
+                .map(|k| k.to_string())
+                .collect()
+        };
+        let resp = [("location", "/c"), ("content-location", "d")];
+        assert_eq!(
+            names(&resp, "POST", 201),
+            ["http://h/a/b?x=1", "http://h/c", "http://h/a/d"]
+        );
+        let other = [
+            ("location", "http://other.example/c"),
+            ("content-location", "//h/e"),
+        ];
+        assert_eq!(
+            names(&other, "DELETE", 204),
+            ["http://h/a/b?x=1", "http://h/e"],
+            "other origins are left alone"
+        );
+        // Errors and safe methods invalidate nothing; unknown methods are unsafe.
+        assert!(names(&resp, "POST", 500).is_empty());
+        assert!(names(&resp, "GET", 200).is_empty());
+        assert_eq!(names(&[], "FROB", 200).len(), 1);
     }
 
     fn meta(lifetime: u32, initial_age: u32, f: u16) -> ResponseMeta {

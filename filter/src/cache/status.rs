@@ -14,6 +14,8 @@ pub enum CacheStatus {
     Hit {
         /// Freshness left.
         ttl: i64,
+        /// Why a stale response was served (§2.8), e.g. `stale-while-revalidate`.
+        detail: Option<&'static str>,
     },
     /// Forwarded upstream (§2.2).
     Forward {
@@ -23,6 +25,9 @@ pub enum CacheStatus {
         fwd_status: Option<u16>,
         /// The response was accepted for storage (§2.5).
         stored: bool,
+        /// Freshness left of the response sent, when it came from the cache after all
+        /// (revalidated, or stale on error).
+        ttl: Option<i64>,
         /// Why it was not stored, or other detail (§2.8).
         detail: Option<&'static str>,
     },
@@ -34,18 +39,25 @@ impl CacheStatus {
         let mut s = String::with_capacity(64);
         s.push_str(CACHE_NAME);
         match self {
-            CacheStatus::Hit { ttl } => {
+            CacheStatus::Hit { ttl, detail } => {
                 let _ = write!(s, "; hit; ttl={ttl}");
+                if let Some(d) = detail {
+                    let _ = write!(s, "; detail={d}");
+                }
             }
             CacheStatus::Forward {
                 fwd,
                 fwd_status,
                 stored,
+                ttl,
                 detail,
             } => {
                 let _ = write!(s, "; fwd={}", fwd.as_str());
                 if let Some(st) = fwd_status {
                     let _ = write!(s, "; fwd-status={st}");
+                }
+                if let Some(t) = ttl {
+                    let _ = write!(s, "; ttl={t}");
                 }
                 if *stored {
                     s.push_str("; stored");
@@ -79,12 +91,20 @@ mod tests {
     fn hit_member() {
         // RFC 9211 §2.1, §2.7
         assert_eq!(
-            CacheStatus::Hit { ttl: 42 }.render(),
+            CacheStatus::Hit {
+                ttl: 42,
+                detail: None
+            }
+            .render(),
             "edge-filter; hit; ttl=42"
         );
+        let stale = CacheStatus::Hit {
+            ttl: -3,
+            detail: Some("stale-while-revalidate"),
+        };
         assert_eq!(
-            CacheStatus::Hit { ttl: -3 }.render(),
-            "edge-filter; hit; ttl=-3"
+            stale.render(),
+            "edge-filter; hit; ttl=-3; detail=stale-while-revalidate"
         );
     }
 
@@ -95,6 +115,7 @@ mod tests {
             fwd: Forward::UriMiss,
             fwd_status: Some(200),
             stored: true,
+            ttl: None,
             detail: None,
         };
         assert_eq!(
@@ -105,9 +126,21 @@ mod tests {
             fwd: Forward::Method,
             fwd_status: None,
             stored: false,
+            ttl: None,
             detail: Some("no-store"),
         };
         assert_eq!(s.render(), "edge-filter; fwd=method; detail=no-store");
+        let s = CacheStatus::Forward {
+            fwd: Forward::Stale,
+            fwd_status: Some(503),
+            stored: false,
+            ttl: Some(-4),
+            detail: Some("stale-if-error"),
+        };
+        assert_eq!(
+            s.render(),
+            "edge-filter; fwd=stale; fwd-status=503; ttl=-4; detail=stale-if-error"
+        );
     }
 
     #[test]

@@ -1,16 +1,18 @@
-//! The HTTP context: health replies, purge, cache lookups answered as local replies, and
-//! capture of forwarded responses while they stream to the client.
+//! The HTTP context: health replies, purge, invalidation, cache lookups answered as local
+//! replies, revalidation and stale serving, and capture of forwarded responses while they
+//! stream to the client.
 
 use super::host::{now_ms, now_us};
-use super::root::{State, READY_KEY};
+use super::root::{RefreshJob, State, READY_KEY};
+use crate::cache::cache_control::CacheControl;
+use crate::cache::conditional::{self, Evaluation};
 use crate::cache::entry::{self, EntryView, ResponseView};
-use crate::cache::key::{hash64, CacheKey};
+use crate::cache::key::CacheKey;
+use crate::cache::lookup::{self, Found, Hit};
 use crate::cache::policy::{
-    self, Forward, NotStored, RequestPolicy, Reuse, Storable, StoreContext,
+    self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
 use crate::cache::status::{self, CacheStatus};
-use crate::cache::store::{Insert, Kind};
-use crate::cache::vary::{self, Vary};
 use crate::health::{self, Probe, UpstreamCheck};
 use crate::metrics::CacheResult;
 use log::debug;
@@ -19,6 +21,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 /// A request the cache looked up, kept for the response phase.
 struct Lookup {
@@ -28,8 +31,13 @@ struct Lookup {
     /// Request headers, for the secondary key of a response that has `Vary`.
     headers: Vec<(String, String)>,
     /// The Vary names of the marker found at lookup time, if any.
-    marker: Option<Vec<String>>,
+    names: Option<Vec<String>>,
     sent_ms: u64,
+    /// A stored response that could not be served as it was: revalidated by the upstream's
+    /// 304, or served stale if the upstream fails.
+    stale: Option<Hit>,
+    /// The filter added its own validators to the upstream request.
+    validated: bool,
 }
 
 /// A response being captured for storage while it streams.
@@ -39,18 +47,10 @@ struct Capture {
     declared: Option<u64>,
 }
 
-/// How this stream ended up being handled.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Nothing decided yet, or passed through.
-    Forwarded,
-    /// Answered by the filter (hit, health, purge): the response callbacks must leave it alone.
-    LocalReply,
-}
-
 pub struct Http {
     state: Rc<RefCell<Option<State>>>,
-    phase: Phase,
+    /// Answered by the filter (hit, health, purge): response callbacks leave it alone.
+    local_reply: bool,
     /// Health probes are counted in their own metric, not as requests.
     probe: bool,
     result: CacheResult,
@@ -59,6 +59,8 @@ pub struct Http {
     capture: Option<Capture>,
     stored: bool,
     detail: Option<&'static str>,
+    /// An unsafe method's target, invalidated after a non-error response (RFC 9111 §4.4).
+    invalidate: Option<(String, CacheKey)>,
     status: u32,
     cpu_us: u64,
 }
@@ -67,7 +69,7 @@ impl Http {
     pub fn new(state: Rc<RefCell<Option<State>>>) -> Http {
         Http {
             state,
-            phase: Phase::Forwarded,
+            local_reply: false,
             probe: false,
             result: CacheResult::Bypass,
             fwd: Forward::Bypass,
@@ -75,6 +77,7 @@ impl Http {
             capture: None,
             stored: false,
             detail: None,
+            invalidate: None,
             status: 0,
             cpu_us: 0,
         }
@@ -92,11 +95,16 @@ impl Http {
         self.get_http_request_header(name)
     }
 
+    fn request_key(&self, path: &str) -> Result<CacheKey, crate::cache::key::KeyError> {
+        let scheme = self.header(":scheme").unwrap_or_else(|| "http".into());
+        let authority = self.header(":authority").unwrap_or_default();
+        CacheKey::new(&scheme, &authority, path)
+    }
+
     fn reply(&mut self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) -> Action {
-        self.phase = Phase::LocalReply;
+        self.local_reply = true;
         self.status = status;
-        // The SDK panics on a status it does not expect; the host only refuses when the
-        // stream is already gone, so there is nothing left to answer.
+        // The host only refuses when the stream is already gone: nothing left to answer.
         let _ = hostcalls::send_http_response(status, headers, Some(body));
         Action::Pause
     }
@@ -128,11 +136,15 @@ impl Http {
         }
         if !state.config.serves_method(&method) {
             self.fwd = Forward::Method;
+            // Unknown methods pass through untouched; only their outcome is looked at.
+            if !policy::is_safe_method(&method) {
+                if let Ok(key) = self.request_key(&path) {
+                    self.invalidate = Some((method, key));
+                }
+            }
             return Action::Continue;
         }
-        let scheme = self.header(":scheme").unwrap_or_else(|| "http".into());
-        let authority = self.header(":authority").unwrap_or_default();
-        let key = match CacheKey::new(&scheme, &authority, &path) {
+        let key = match self.request_key(&path) {
             Ok(k) => k,
             Err(e) => {
                 self.detail = Some(e.as_str());
@@ -140,121 +152,203 @@ impl Http {
             }
         };
         let headers = self.get_http_request_headers();
-        let policy = RequestPolicy::from_request(&headers);
         let now = now_ms();
         let mut lookup = Lookup {
             key,
             head: method == "HEAD",
-            policy,
+            policy: RequestPolicy::from_request(&headers),
             headers,
-            marker: None,
+            names: None,
             sent_ms: now,
+            stale: None,
+            validated: false,
         };
         self.fwd = Forward::UriMiss;
         self.result = CacheResult::Miss;
-        let primary = lookup.key.hash64();
-        if let Some(value) = state.store.get(primary, lookup.key.as_str(), now) {
-            let found = match entry::decode(&value) {
-                Ok(EntryView::Response(r)) => Some(r),
-                Ok(EntryView::Vary(m)) => {
-                    let names: Vec<String> = m.names.iter().map(|n| n.to_string()).collect();
-                    let secondary =
-                        vary::secondary_key(&names, |n| policy::values(&lookup.headers, n));
-                    lookup.marker = Some(names);
-                    self.fwd = Forward::VaryMiss;
-                    let vh = variant_hash(&lookup.key, &secondary);
-                    match state.store.get(vh, lookup.key.as_str(), now) {
-                        Some(v) => {
-                            // Decoded below from its own buffer; keep it alive here.
-                            return self.serve_variant(state, lookup, v, &secondary, now);
-                        }
-                        None => None,
-                    }
-                }
-                Err(e) => {
-                    debug!("edge-filter: undecodable entry for {}: {e}", lookup.key);
-                    None
-                }
-            };
-            if let Some(r) = found {
-                if r.secondary.is_empty() {
-                    if let Some(action) = self.try_serve(state, &lookup, &r, now) {
-                        return action;
-                    }
-                }
+        match lookup::lookup(&mut state.store, &lookup.key, &lookup.headers, now) {
+            Found::Miss => {}
+            Found::VaryMiss { names } => {
+                self.fwd = Forward::VaryMiss;
+                lookup.names = Some(names);
             }
-        }
-        self.miss(lookup)
-    }
-
-    fn serve_variant(
-        &mut self,
-        state: &mut State,
-        lookup: Lookup,
-        value: Vec<u8>,
-        secondary: &str,
-        now: u64,
-    ) -> Action {
-        if let Ok(EntryView::Response(r)) = entry::decode(&value) {
-            if r.secondary == secondary {
-                if let Some(action) = self.try_serve(state, &lookup, &r, now) {
+            Found::Response(hit) => {
+                lookup.names = hit.names.clone();
+                if let Some(action) = self.use_stored(state, &mut lookup, hit, now) {
                     return action;
                 }
             }
         }
-        self.miss(lookup)
+        // RFC 9111 §5.2.1.7: only-if-cached with nothing usable is a 504.
+        if lookup.policy.cc.only_if_cached {
+            let cs = self.forward_status(None).render();
+            return self.reply(504, vec![("cache-status", &cs)], b"");
+        }
+        self.lookup = Some(lookup);
+        Action::Continue
     }
 
-    /// Answers from `r` if the request may reuse it; otherwise records why not.
-    fn try_serve(
+    /// Serves `hit` when the request may reuse it (fresh, or stale-while-revalidate);
+    /// otherwise prepares its revalidation and keeps it for stale-if-error.
+    fn use_stored(
         &mut self,
         state: &mut State,
-        lookup: &Lookup,
-        r: &ResponseView<'_>,
+        lookup: &mut Lookup,
+        hit: Hit,
         now: u64,
     ) -> Option<Action> {
-        match policy::reuse(&r.meta, &lookup.policy, now / 1000) {
+        let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {
+            return None;
+        };
+        let now_s = now / 1000;
+        match policy::reuse(&r.meta, &lookup.policy, now_s) {
             Reuse::Fresh { age, ttl } => {
-                let age = age.to_string();
-                let mut headers = policy::hit_headers(r, &age);
-                let cs = CacheStatus::Hit { ttl }.render();
-                if state.config.cache.cache_status {
-                    headers.push(("cache-status", &cs));
+                match conditional::evaluate(&lookup.headers, &r.headers, r.meta.response_time) {
+                    Evaluation::Forward => self.fwd = Forward::Request,
+                    eval => {
+                        self.result = CacheResult::Hit;
+                        let cs = CacheStatus::Hit { ttl, detail: None };
+                        let nm = eval == Evaluation::NotModified;
+                        return Some(self.serve(state, lookup, &r, age, cs, nm));
+                    }
                 }
-                self.result = CacheResult::Hit;
-                if !lookup.head {
-                    state
-                        .metrics
-                        .add(state.metrics.served_bytes, r.body.len() as u64);
-                }
-                // HEAD gets the body too: Envoy sends only the headers, with its length.
-                Some(self.reply(u32::from(r.meta.status), headers, r.body))
             }
             Reuse::Forward(f) => {
                 self.fwd = f;
                 if f == Forward::Stale {
                     self.result = CacheResult::Stale;
+                    let cc =
+                        CacheControl::parse(policy::header_values(&r.headers, "cache-control"));
+                    let swr = StaleReason::WhileRevalidate;
+                    if let Some(ttl) =
+                        policy::stale_allowed(&r.meta, &cc, &lookup.policy, now_s, swr, 0)
+                    {
+                        self.schedule_refresh(state, lookup, &hit, &r, now);
+                        let age = entry_age(&r, now_s);
+                        let cs = CacheStatus::Hit {
+                            ttl,
+                            detail: Some(swr.as_str()),
+                        };
+                        return Some(self.serve(state, lookup, &r, age, cs, false));
+                    }
                 }
-                None
             }
         }
+        // RFC 9111 §4.3.1: revalidate with the stored validators, unless the client sent
+        // preconditions of its own (its 304 then goes back to it).
+        let may_validate = !lookup.policy.authorization || r.meta.has(entry::flags::AUTH_OK);
+        if may_validate && !conditional::is_conditional(&lookup.headers) {
+            for (name, value) in conditional::validators(&r.headers) {
+                self.set_http_request_header(name, Some(value));
+                lookup.validated = true;
+            }
+        }
+        lookup.stale = Some(hit.clone());
+        None
     }
 
-    fn miss(&mut self, lookup: Lookup) -> Action {
-        // RFC 9111 §5.2.1.7: only-if-cached with nothing usable is a 504.
-        if lookup.policy.cc.only_if_cached {
-            self.lookup = None;
-            let cs = CacheStatus::Forward {
-                fwd: self.fwd,
-                fwd_status: None,
-                stored: false,
-                detail: Some("only-if-cached"),
-            }
-            .render();
-            return self.reply(504, vec![("cache-status", &cs)], b"");
+    /// Answers from a stored response: 200 (or its stored status), or 304 when the client's
+    /// precondition failed. Works in the request and in the response phase.
+    fn serve(
+        &mut self,
+        state: &State,
+        lookup: &Lookup,
+        r: &ResponseView<'_>,
+        age: u64,
+        cs: CacheStatus,
+        not_modified: bool,
+    ) -> Action {
+        let age = age.to_string();
+        let mut headers = if not_modified {
+            conditional::not_modified_headers(&r.headers)
+        } else {
+            r.headers.clone()
+        };
+        headers.push(("age", &age));
+        let cs = cs.render();
+        if state.config.cache.cache_status {
+            headers.push(("cache-status", &cs));
         }
-        self.lookup = Some(lookup);
-        Action::Continue
+        let (status, body) = if not_modified {
+            (304, &b""[..])
+        } else {
+            (u32::from(r.meta.status), r.body)
+        };
+        if !lookup.head {
+            state
+                .metrics
+                .add(state.metrics.served_bytes, body.len() as u64);
+        }
+        // HEAD gets the body too: Envoy sends only the headers, with its length.
+        self.reply(status, headers, body)
+    }
+
+    /// Queues a background refresh of `hit` (stale-while-revalidate), one per key at a time
+    /// across workers: a lock in shared data, on a bounded set of keys.
+    fn schedule_refresh(
+        &mut self,
+        state: &mut State,
+        lookup: &Lookup,
+        hit: &Hit,
+        r: &ResponseView<'_>,
+        now: u64,
+    ) {
+        let lock = format!("{}{}", super::root::REFRESH_LOCK_PREFIX, hit.hash % 1024);
+        let timeout = state.config.cache.refresh_timeout_ms;
+        let (held, cas) = match hostcalls::get_shared_data(&lock) {
+            Ok((v, cas)) => (
+                v.and_then(|v| String::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|until| until > now),
+                cas,
+            ),
+            Err(_) => return,
+        };
+        if held {
+            return;
+        }
+        let until = (now + timeout).to_string();
+        if hostcalls::set_shared_data(&lock, Some(until.as_bytes()), cas).is_err() {
+            return;
+        }
+        let cluster = self
+            .get_property(vec!["cluster_name"])
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| state.config.health.upstream_cluster.clone());
+        let mut headers: Vec<(String, String)> = lookup
+            .headers
+            .iter()
+            .filter(|(n, _)| {
+                !matches!(
+                    n.as_str(),
+                    ":method" | "content-length" | "transfer-encoding" | "connection"
+                ) && !n.starts_with("if-")
+            })
+            .cloned()
+            .collect();
+        headers.push((":method".into(), "GET".into()));
+        for (n, v) in conditional::validators(&r.headers) {
+            headers.push((n.to_string(), v.to_string()));
+        }
+        state.refresh.push(RefreshJob {
+            key: lookup.key.clone(),
+            names: hit.names.clone(),
+            request: headers,
+            cluster,
+            lock,
+        });
+        // Wake the root context now instead of at its next regular tick.
+        let _ = hostcalls::set_tick_period(Duration::from_millis(1));
+    }
+
+    fn forward_status(&self, fwd_status: Option<u16>) -> CacheStatus {
+        CacheStatus::Forward {
+            fwd: self.fwd,
+            fwd_status,
+            stored: self.stored,
+            ttl: None,
+            detail: self.detail,
+        }
     }
 
     fn health(&mut self, state: &mut State, probe: Probe) -> Action {
@@ -308,9 +402,7 @@ impl Http {
                 b"{\"purged\":0,\"error\":\"forbidden\"}\n",
             );
         }
-        let scheme = self.header(":scheme").unwrap_or_else(|| "http".into());
-        let authority = self.header(":authority").unwrap_or_default();
-        let Ok(key) = CacheKey::new(&scheme, &authority, path) else {
+        let Ok(key) = self.request_key(path) else {
             return self.reply(
                 400,
                 json.to_vec(),
@@ -336,12 +428,12 @@ impl Http {
     }
 
     fn response_headers(&mut self, end_of_stream: bool) -> Action {
-        if self.phase == Phase::LocalReply {
+        if self.local_reply {
             return Action::Continue;
         }
         let state_rc = self.state.clone();
-        let guard = state_rc.borrow();
-        let Some(state) = guard.as_ref() else {
+        let mut guard = state_rc.borrow_mut();
+        let Some(state) = guard.as_mut() else {
             return Action::Continue;
         };
         let headers = self.get_http_response_headers();
@@ -349,47 +441,28 @@ impl Http {
             .first()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        let status = self.status as u16;
         let now = now_ms();
-        if let Some(l) = &self.lookup {
+        if let Some((method, key)) = self.invalidate.take() {
+            for k in policy::invalidation_targets(&method, status, &key, &headers) {
+                let _ = state.store.remove(k.hash64());
+            }
+            state.publish_usage();
+        }
+        if let Some(mut l) = self.lookup.take() {
             state.metrics.record(
                 state.metrics.upstream_response_ms,
                 now.saturating_sub(l.sent_ms),
             );
-            let ctx = StoreContext {
-                head: l.head,
-                request: &l.policy,
-                statuses: &state.config.cache.statuses,
-                max_entry_bytes: state.config.cache.max_entry_bytes,
-                request_time: l.sent_ms / 1000,
-                response_time: now / 1000,
-            };
-            match policy::storable(self.status as u16, &headers, &ctx) {
-                Ok(s) => {
-                    let declared = policy::content_length(&headers);
-                    self.capture = Some(Capture {
-                        storable: s,
-                        body: Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024) as usize),
-                        declared,
-                    });
-                    self.stored = true;
-                }
-                Err(reason) => {
-                    self.detail = Some(reason.as_str());
-                    self.result = CacheResult::Uncacheable;
-                }
+            if let Some(action) = self.after_forward(state, &mut l, &headers, now) {
+                return action;
             }
+            self.lookup = Some(l);
         }
         if state.config.cache.cache_status {
-            let ours = CacheStatus::Forward {
-                fwd: self.fwd,
-                fwd_status: Some(self.status as u16),
-                stored: self.stored,
-                detail: self.detail,
-            }
-            .render();
+            let ours = self.forward_status(Some(status)).render();
             let existing = policy::values(&headers, "cache-status");
-            let value = status::append(&existing, &ours);
-            self.set_http_response_header("cache-status", Some(&value));
+            self.set_http_response_header("cache-status", Some(&status::append(&existing, &ours)));
         }
         drop(guard);
         if end_of_stream {
@@ -398,18 +471,141 @@ impl Http {
         Action::Continue
     }
 
+    fn store_context<'a>(&self, state: &'a State, l: &'a Lookup, now: u64) -> StoreContext<'a> {
+        let c = &state.config.cache;
+        StoreContext {
+            head: l.head,
+            request: &l.policy,
+            statuses: &c.statuses,
+            max_entry_bytes: c.max_entry_bytes,
+            request_time: l.sent_ms / 1000,
+            response_time: now / 1000,
+            heuristic_fraction: c.heuristic_fraction,
+            heuristic_max_secs: c.heuristic_max_secs,
+        }
+    }
+
+    /// The upstream answered a looked-up request: freshen on 304, serve stale on error, or
+    /// start capturing a storable response.
+    fn after_forward(
+        &mut self,
+        state: &mut State,
+        l: &mut Lookup,
+        headers: &[(String, String)],
+        now: u64,
+    ) -> Option<Action> {
+        let status = self.status as u16;
+        if status == 304 {
+            // Never stored as such: either it freshens what is stored, or it answers the
+            // client's own precondition.
+            let hit = l.stale.clone()?;
+            return self.revalidated(state, l, &hit, headers, now);
+        }
+        if let Some(hit) = l.stale.clone() {
+            if status >= 500 {
+                if let Ok(EntryView::Response(r)) = entry::decode(&hit.value) {
+                    let cc =
+                        CacheControl::parse(policy::header_values(&r.headers, "cache-control"));
+                    let grace = state.config.cache.stale_if_error_grace_secs;
+                    let sie = StaleReason::IfError;
+                    if let Some(ttl) =
+                        policy::stale_allowed(&r.meta, &cc, &l.policy, now / 1000, sie, grace)
+                    {
+                        self.result = CacheResult::Stale;
+                        let cs = CacheStatus::Forward {
+                            fwd: Forward::Stale,
+                            fwd_status: Some(status),
+                            stored: false,
+                            ttl: Some(ttl),
+                            detail: Some(sie.as_str()),
+                        };
+                        let age = entry_age(&r, now / 1000);
+                        return Some(self.serve(state, l, &r, age, cs, false));
+                    }
+                }
+            }
+        }
+        let ctx = self.store_context(state, l, now);
+        match policy::storable(status, headers, &ctx) {
+            Ok(s) => {
+                let declared = policy::content_length(headers);
+                self.capture = Some(Capture {
+                    storable: s,
+                    body: Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024) as usize),
+                    declared,
+                });
+                self.stored = true;
+            }
+            Err(reason) => {
+                self.detail = Some(reason.as_str());
+                self.result = CacheResult::Uncacheable;
+            }
+        }
+        None
+    }
+
+    /// RFC 9111 §4.3.3-4: a 304 for the stored response freshens it; the client then gets
+    /// the stored response (it asked unconditionally) or the 304 (it asked conditionally).
+    fn revalidated(
+        &mut self,
+        state: &mut State,
+        l: &Lookup,
+        hit: &Hit,
+        not_modified: &[(String, String)],
+        now: u64,
+    ) -> Option<Action> {
+        let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
+            return None;
+        };
+        if !conditional::selects(not_modified, &old.headers) {
+            return None;
+        }
+        let mut merged = policy::freshen(&old.headers, not_modified);
+        // The 304's Age counts towards the freshened response's age (§4.2.3).
+        merged.extend(
+            policy::values(not_modified, "age")
+                .into_iter()
+                .map(|a| ("age".to_string(), a.to_string())),
+        );
+        let ctx = self.store_context(state, l, now);
+        let s = policy::storable(old.meta.status, &merged, &ctx).ok()?;
+        let value =
+            lookup::replace_meta(&mut state.store, &l.key, hit, &s.meta, &s.headers, now).ok()?;
+        state.metrics.add(state.metrics.stores, 1);
+        state.publish_usage();
+        self.stored = true;
+        self.result = CacheResult::Stale;
+        if !l.validated {
+            // The client's own precondition: its 304 passes through.
+            return None;
+        }
+        let Ok(EntryView::Response(r)) = entry::decode(&value) else {
+            return None;
+        };
+        let now_s = now / 1000;
+        let age = entry_age(&r, now_s);
+        let cs = CacheStatus::Forward {
+            fwd: self.fwd,
+            fwd_status: Some(304),
+            stored: true,
+            ttl: Some(i64::from(r.meta.lifetime) - age as i64),
+            detail: None,
+        };
+        Some(self.serve(state, l, &r, age, cs, false))
+    }
+
     fn response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.phase == Phase::LocalReply {
+        if self.local_reply {
             return Action::Continue;
         }
-        if let Some(s) = self.state.borrow().as_ref() {
+        let limit = {
+            let guard = self.state.borrow();
+            let Some(s) = guard.as_ref() else {
+                return Action::Continue;
+            };
             s.metrics.add(s.metrics.upstream_bytes, body_size as u64);
-        }
-        let limit = self
-            .state
-            .borrow()
-            .as_ref()
-            .map_or(0, |s| s.config.cache.max_entry_bytes);
+            s.config.cache.max_entry_bytes
+        };
         if let Some(captured) = self.capture.as_ref().map(|c| c.body.len()) {
             if (captured + body_size) as u64 > limit {
                 // Capture stops at the limit; the client's stream is untouched.
@@ -443,52 +639,17 @@ impl Http {
         let state_rc = self.state.clone();
         let mut guard = state_rc.borrow_mut();
         let Some(state) = guard.as_mut() else { return };
-        let primary = l.key.hash64();
-        let s = &c.storable;
-        let (items, replace_variants) = match &s.vary {
-            Vary::Names(names) => {
-                let secondary = vary::secondary_key(names, |n| policy::values(&l.headers, n));
-                let marker = entry::encode_vary(0, l.key.as_str(), names);
-                let value = entry::encode_response(
-                    0,
-                    l.key.as_str(),
-                    &secondary,
-                    &s.meta,
-                    &s.headers,
-                    &c.body,
-                );
-                let items = vec![
-                    Insert {
-                        hash: primary,
-                        primary,
-                        kind: Kind::Vary,
-                        value: marker,
-                    },
-                    Insert {
-                        hash: variant_hash(&l.key, &secondary),
-                        primary,
-                        kind: Kind::Variant,
-                        value,
-                    },
-                ];
-                // Other variants stay only if they were selected by the same names.
-                (items, l.marker.as_ref() != Some(names))
-            }
-            _ => {
-                let value =
-                    entry::encode_response(0, l.key.as_str(), "", &s.meta, &s.headers, &c.body);
-                (
-                    vec![Insert {
-                        hash: primary,
-                        primary,
-                        kind: Kind::Response,
-                        value,
-                    }],
-                    true,
-                )
-            }
-        };
-        match state.store.insert(items, replace_variants, now_ms()) {
+        let names = l.names.as_deref();
+        let res = lookup::insert_response(
+            &mut state.store,
+            &l.key,
+            &l.headers,
+            names,
+            &c.storable,
+            &c.body,
+            now_ms(),
+        );
+        match res {
             Ok(out) => {
                 state.metrics.add(state.metrics.stores, 1);
                 state
@@ -504,13 +665,9 @@ impl Http {
     }
 }
 
-/// Hash of a variant's key: the primary key and the secondary key together.
-fn variant_hash(key: &CacheKey, secondary: &str) -> u64 {
-    let mut b = Vec::with_capacity(key.as_str().len() + 1 + secondary.len());
-    b.extend_from_slice(key.as_str().as_bytes());
-    b.push(0);
-    b.extend_from_slice(secondary.as_bytes());
-    hash64(&b)
+/// Current age of a stored response (RFC 9111 §4.2.3).
+fn entry_age(r: &ResponseView<'_>, now_s: u64) -> u64 {
+    crate::cache::freshness::current_age(u64::from(r.meta.initial_age), r.meta.response_time, now_s)
 }
 
 impl Context for Http {}
@@ -546,7 +703,8 @@ impl HttpContext for Http {
                 .get_property(vec!["response", "code"])
                 .and_then(|b| {
                     b.get(..8)
-                        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
                 })
                 .unwrap_or(0) as u32;
         }

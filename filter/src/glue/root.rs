@@ -3,10 +3,16 @@
 
 use super::host::{now_ms, HostShared, Metrics};
 use super::http::Http;
+use crate::cache::conditional;
+use crate::cache::entry::{self, EntryView};
+use crate::cache::key::CacheKey;
+use crate::cache::lookup::{self, Found};
+use crate::cache::policy::{self, RequestPolicy, StoreContext};
 use crate::cache::store::{Limits, Store};
 use crate::config::Config;
 use crate::health::UpstreamCheck;
-use log::{error, warn};
+use hashbrown::HashMap;
+use log::{debug, error, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use std::cell::RefCell;
@@ -17,6 +23,21 @@ use std::time::Duration;
 pub const NAMESPACE: &str = "ef1";
 /// Shared-data key of the latest readiness check, so every worker answers the same.
 pub const READY_KEY: &str = "ef1/ready";
+/// Prefix of the refresh locks: one background refresh per key across workers. The lock is
+/// chosen by key hash among 1024, so the set of keys stays bounded.
+pub const REFRESH_LOCK_PREFIX: &str = "ef1/lk/";
+
+/// A background refresh of a stale entry (RFC 5861 §3), queued by an HTTP context and sent
+/// by the root context, whose HTTP calls outlive the request that asked for them.
+pub struct RefreshJob {
+    pub key: CacheKey,
+    /// The Vary names the entry was found under.
+    pub names: Option<Vec<String>>,
+    /// Request headers to send, validators included.
+    pub request: Vec<(String, String)>,
+    pub cluster: String,
+    pub lock: String,
+}
 
 /// What the root context and its HTTP contexts share in one VM.
 pub struct State {
@@ -24,6 +45,8 @@ pub struct State {
     pub store: Store<HostShared>,
     pub metrics: Rc<Metrics>,
     pub started_ms: u64,
+    /// Refreshes waiting for the root context to send them.
+    pub refresh: Vec<RefreshJob>,
 }
 
 impl State {
@@ -43,6 +66,9 @@ pub struct Root {
     /// Token and send time of the readiness check in flight.
     in_flight: Option<(u32, u64)>,
     next_check_ms: u64,
+    /// Background refreshes in flight, by call token.
+    refreshing: HashMap<u32, (RefreshJob, u64)>,
+    tick_ms: u64,
 }
 
 impl Root {
@@ -53,6 +79,121 @@ impl Root {
             started_ms: 0,
             in_flight: None,
             next_check_ms: 0,
+            refreshing: HashMap::new(),
+            tick_ms: 1000,
+        }
+    }
+
+    /// Sends the queued refreshes.
+    fn dispatch_refreshes(&mut self, now: u64) {
+        let (jobs, timeout) = {
+            let mut guard = self.state.borrow_mut();
+            let Some(s) = guard.as_mut() else { return };
+            (
+                std::mem::take(&mut s.refresh),
+                s.config.cache.refresh_timeout_ms,
+            )
+        };
+        for job in jobs {
+            let headers: Vec<(&str, &str)> = job
+                .request
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let timeout = Duration::from_millis(timeout);
+            match self.dispatch_http_call(&job.cluster, headers, None, vec![], timeout) {
+                Ok(token) => {
+                    self.refreshing.insert(token, (job, now));
+                }
+                Err(e) => {
+                    debug!("edge-filter: refresh of {} not sent: {e:?}", job.key);
+                    release_lock(&job.lock);
+                }
+            }
+        }
+    }
+
+    /// A background refresh answered: store a new response, or freshen on 304.
+    fn refreshed(&mut self, job: RefreshJob, sent: u64, body_size: usize) {
+        release_lock(&job.lock);
+        let headers = self.get_http_call_response_headers();
+        let status: u16 = policy::values(&headers, ":status")
+            .first()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let now = now_ms();
+        let mut guard = self.state.borrow_mut();
+        let Some(state) = guard.as_mut() else { return };
+        let c = &state.config.cache;
+        let request = RequestPolicy::from_request(&job.request);
+        let ctx = StoreContext {
+            head: false,
+            request: &request,
+            statuses: &c.statuses,
+            max_entry_bytes: c.max_entry_bytes,
+            request_time: sent / 1000,
+            response_time: now / 1000,
+            heuristic_fraction: c.heuristic_fraction,
+            heuristic_max_secs: c.heuristic_max_secs,
+        };
+        let stored = if status == 304 {
+            let Found::Response(hit) =
+                lookup::lookup(&mut state.store, &job.key, &job.request, now)
+            else {
+                return;
+            };
+            let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
+                return;
+            };
+            if !conditional::selects(&headers, &old.headers) {
+                return;
+            }
+            let mut merged = policy::freshen(&old.headers, &headers);
+            merged.extend(
+                policy::values(&headers, "age")
+                    .into_iter()
+                    .map(|a| ("age".to_string(), a.to_string())),
+            );
+            let Ok(s) = policy::storable(old.meta.status, &merged, &ctx) else {
+                return;
+            };
+            lookup::replace_meta(&mut state.store, &job.key, &hit, &s.meta, &s.headers, now)
+                .map(|_| ())
+        } else {
+            let Ok(s) = policy::storable(status, &headers, &ctx) else {
+                return;
+            };
+            if body_size as u64 > c.max_entry_bytes {
+                return;
+            }
+            let body = self
+                .get_http_call_response_body(0, body_size)
+                .unwrap_or_default();
+            if policy::content_length(&headers).is_some_and(|l| l != body.len() as u64) {
+                return;
+            }
+            let names = job.names.as_deref();
+            lookup::insert_response(
+                &mut state.store,
+                &job.key,
+                &job.request,
+                names,
+                &s,
+                &body,
+                now,
+            )
+            .map(|out| {
+                state
+                    .metrics
+                    .add(state.metrics.evictions, u64::from(out.evicted))
+            })
+        };
+        match stored {
+            Ok(()) => {
+                state.metrics.add(state.metrics.stores, 1);
+                state.publish_usage();
+            }
+            Err(e) => debug!("edge-filter: refresh of {} not stored: {e}", job.key),
         }
     }
 
@@ -104,7 +245,11 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
+    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        if let Some((job, sent)) = self.refreshing.remove(&token) {
+            self.refreshed(job, sent, body_size);
+            return;
+        }
         let Some((expected, sent)) = self.in_flight else {
             return;
         };
@@ -171,16 +316,21 @@ impl RootContext for Root {
             } else {
                 self.started_ms
             },
+            refresh: Vec::new(),
         };
         state.publish_usage();
         *self.state.borrow_mut() = Some(state);
         self.next_check_ms = 0;
+        self.tick_ms = tick;
         self.set_tick_period(Duration::from_millis(tick));
         true
     }
 
     fn on_tick(&mut self) {
         let now = now_ms();
+        // An HTTP context may have shortened the period to wake us for a refresh.
+        self.dispatch_refreshes(now);
+        self.set_tick_period(Duration::from_millis(self.tick_ms));
         let (period, timeout) = {
             let mut guard = self.state.borrow_mut();
             let Some(s) = guard.as_mut() else { return };
@@ -198,6 +348,14 @@ impl RootContext for Root {
                 self.in_flight = None;
             }
         }
+        // Refreshes the host never answered are dropped (their lock expires by itself).
+        let refresh_timeout = self
+            .state
+            .borrow()
+            .as_ref()
+            .map_or(0, |s| s.config.cache.refresh_timeout_ms);
+        self.refreshing
+            .retain(|_, (_, sent)| now.saturating_sub(*sent) <= refresh_timeout + period);
         if self.in_flight.is_none() && now >= self.next_check_ms {
             self.next_check_ms = now + period;
             // Every worker has a timer, but one check per period is enough for all of them:
@@ -220,4 +378,8 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+fn release_lock(lock: &str) {
+    let _ = proxy_wasm::hostcalls::set_shared_data(lock, Some(b"0"), None);
 }

@@ -1,0 +1,283 @@
+//! Finding and filling entries: the primary key, the Vary marker and the variant, as one
+//! host-independent step each, so the glue and the tests share them.
+
+use super::entry::{self, EntryView, ResponseMeta};
+use super::key::{hash64, CacheKey};
+use super::policy::{self, Headers, Storable};
+use super::store::{Insert, InsertOutcome, Kind, SharedData, Store, StoreError};
+use super::vary::{self, Vary};
+
+/// Hash under which a variant is stored: the primary key and the secondary key together.
+pub fn variant_hash(key: &CacheKey, secondary: &str) -> u64 {
+    let mut b = Vec::with_capacity(key.as_str().len() + 1 + secondary.len());
+    b.extend_from_slice(key.as_str().as_bytes());
+    b.push(0);
+    b.extend_from_slice(secondary.as_bytes());
+    hash64(&b)
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing for this URI.
+    Miss,
+    /// The URI has variants, but none for this request's values of `names`.
+    VaryMiss {
+        /// The marker's header names.
+        names: Vec<String>,
+    },
+    /// A stored response.
+    Response(Hit),
+}
+
+/// A stored response and where it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    /// The encoded value (decode with [`entry::decode`]).
+    pub value: Vec<u8>,
+    /// The hash it is stored under.
+    pub hash: u64,
+    /// Its secondary key (empty without Vary).
+    pub secondary: String,
+    /// The marker's names when the response is a variant.
+    pub names: Option<Vec<String>>,
+}
+
+/// Looks `key` up for a request with `req` headers: one read for a plain entry, two for a
+/// variant (marker, then variant).
+pub fn lookup<S: SharedData>(
+    store: &mut Store<S>,
+    key: &CacheKey,
+    req: &Headers,
+    now_ms: u64,
+) -> Found {
+    let primary = key.hash64();
+    let Some(value) = store.get(primary, key.as_str(), now_ms) else {
+        return Found::Miss;
+    };
+    match entry::decode(&value) {
+        Ok(EntryView::Response(r)) if r.secondary.is_empty() => Found::Response(Hit {
+            value,
+            hash: primary,
+            secondary: String::new(),
+            names: None,
+        }),
+        Ok(EntryView::Vary(m)) => {
+            let names: Vec<String> = m.names.iter().map(|n| n.to_string()).collect();
+            let secondary = vary::secondary_key(&names, |n| policy::values(req, n));
+            let vh = variant_hash(key, &secondary);
+            match store.get(vh, key.as_str(), now_ms) {
+                Some(v) if is_variant(&v, &secondary) => Found::Response(Hit {
+                    value: v,
+                    hash: vh,
+                    secondary,
+                    names: Some(names),
+                }),
+                _ => Found::VaryMiss { names },
+            }
+        }
+        _ => Found::Miss,
+    }
+}
+
+fn is_variant(value: &[u8], secondary: &str) -> bool {
+    matches!(entry::decode(value), Ok(EntryView::Response(r)) if r.secondary == secondary)
+}
+
+/// Stores a response for `key`, requested with `req` headers. `known_names` are the Vary
+/// names of the marker the lookup saw, if any: other variants survive only when the new
+/// response varies on the same names.
+pub fn insert_response<S: SharedData>(
+    store: &mut Store<S>,
+    key: &CacheKey,
+    req: &Headers,
+    known_names: Option<&[String]>,
+    s: &Storable,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<InsertOutcome, StoreError> {
+    let primary = key.hash64();
+    match &s.vary {
+        Vary::Names(names) => {
+            let secondary = vary::secondary_key(names, |n| policy::values(req, n));
+            let marker = entry::encode_vary(0, key.as_str(), names);
+            let value =
+                entry::encode_response(0, key.as_str(), &secondary, &s.meta, &s.headers, body);
+            let items = vec![
+                Insert {
+                    hash: primary,
+                    primary,
+                    kind: Kind::Vary,
+                    value: marker,
+                },
+                Insert {
+                    hash: variant_hash(key, &secondary),
+                    primary,
+                    kind: Kind::Variant,
+                    value,
+                },
+            ];
+            store.insert(items, known_names != Some(names.as_slice()), now_ms)
+        }
+        _ => {
+            let value = entry::encode_response(0, key.as_str(), "", &s.meta, &s.headers, body);
+            let items = vec![Insert {
+                hash: primary,
+                primary,
+                kind: Kind::Response,
+                value,
+            }];
+            store.insert(items, true, now_ms)
+        }
+    }
+}
+
+/// Rewrites a stored response with freshened headers and metadata (RFC 9111 §4.3.4), under
+/// the same hash, and returns the new value.
+pub fn replace_meta<S: SharedData>(
+    store: &mut Store<S>,
+    key: &CacheKey,
+    hit: &Hit,
+    meta: &ResponseMeta,
+    headers: &[(String, String)],
+    now_ms: u64,
+) -> Result<Vec<u8>, StoreError> {
+    let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
+        return Err(StoreError::TooLarge);
+    };
+    let value = entry::encode_response(0, key.as_str(), &hit.secondary, meta, headers, old.body);
+    let kind = if hit.secondary.is_empty() {
+        Kind::Response
+    } else {
+        Kind::Variant
+    };
+    let item = Insert {
+        hash: hit.hash,
+        primary: key.hash64(),
+        kind,
+        value: value.clone(),
+    };
+    store.insert(vec![item], false, now_ms)?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::{RequestPolicy, StoreContext};
+    use crate::cache::store::{Limits, MemoryShared};
+
+    fn h(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn storable(resp: &[(&str, &str)]) -> Storable {
+        let req = RequestPolicy::default();
+        let ctx = StoreContext {
+            head: false,
+            request: &req,
+            statuses: &[200],
+            max_entry_bytes: 1 << 20,
+            request_time: 0,
+            response_time: 0,
+            heuristic_fraction: 0.1,
+            heuristic_max_secs: 86_400,
+        };
+        policy::storable(200, &h(resp), &ctx).unwrap()
+    }
+
+    fn store(mem: &MemoryShared) -> Store<&MemoryShared> {
+        let mut s = Store::new(
+            mem,
+            "t",
+            Limits {
+                max_entries: 16,
+                max_total_bytes: 1 << 20,
+                max_entry_bytes: 1 << 20,
+            },
+        );
+        s.init().unwrap();
+        s
+    }
+
+    fn body_of(f: &Found) -> Vec<u8> {
+        match f {
+            Found::Response(hit) => match entry::decode(&hit.value) {
+                Ok(EntryView::Response(r)) => r.body.to_vec(),
+                _ => panic!("not a response"),
+            },
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_round_trip() {
+        let mem = MemoryShared::default();
+        let mut s = store(&mem);
+        let key = CacheKey::new("http", "h", "/a").unwrap();
+        assert_eq!(lookup(&mut s, &key, &[], 1), Found::Miss);
+        let st = storable(&[("cache-control", "max-age=5")]);
+        insert_response(&mut s, &key, &[], None, &st, b"body", 2).unwrap();
+        assert_eq!(body_of(&lookup(&mut s, &key, &[], 3)), b"body");
+    }
+
+    #[test]
+    fn variants_are_selected_by_request_values() {
+        // RFC 9111 §4.1
+        let mem = MemoryShared::default();
+        let mut s = store(&mem);
+        let key = CacheKey::new("http", "h", "/v").unwrap();
+        let st = storable(&[("cache-control", "max-age=5"), ("vary", "Accept-Encoding")]);
+        let gz = h(&[("accept-encoding", "gzip")]);
+        let br = h(&[("accept-encoding", "br")]);
+        insert_response(&mut s, &key, &gz, None, &st, b"gz", 1).unwrap();
+        let names = vec!["accept-encoding".to_string()];
+        assert_eq!(
+            lookup(&mut s, &key, &br, 2),
+            Found::VaryMiss {
+                names: names.clone()
+            }
+        );
+        insert_response(&mut s, &key, &br, Some(&names), &st, b"br", 3).unwrap();
+        assert_eq!(
+            body_of(&lookup(&mut s, &key, &gz, 4)),
+            b"gz",
+            "first variant kept"
+        );
+        assert_eq!(body_of(&lookup(&mut s, &key, &br, 5)), b"br");
+        // A response varying on other names drops the old variants.
+        let st2 = storable(&[("cache-control", "max-age=5"), ("vary", "Accept-Language")]);
+        insert_response(&mut s, &key, &gz, Some(&names), &st2, b"lang", 6).unwrap();
+        assert_eq!(s.usage().entries, 2, "marker + one variant");
+    }
+
+    #[test]
+    fn replace_meta_keeps_the_body() {
+        let mem = MemoryShared::default();
+        let mut s = store(&mem);
+        let key = CacheKey::new("http", "h", "/r").unwrap();
+        let st = storable(&[("cache-control", "max-age=5")]);
+        insert_response(&mut s, &key, &[], None, &st, b"same", 1).unwrap();
+        let Found::Response(hit) = lookup(&mut s, &key, &[], 2) else {
+            panic!()
+        };
+        let meta = ResponseMeta {
+            lifetime: 99,
+            ..st.meta
+        };
+        replace_meta(&mut s, &key, &hit, &meta, &h(&[("x", "1")]), 3).unwrap();
+        let Found::Response(hit) = lookup(&mut s, &key, &[], 4) else {
+            panic!()
+        };
+        let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {
+            panic!()
+        };
+        assert_eq!(
+            (r.body, r.meta.lifetime, r.headers),
+            (&b"same"[..], 99, vec![("x", "1")])
+        );
+        assert_eq!(s.usage().entries, 1);
+    }
+}
