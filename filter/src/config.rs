@@ -45,6 +45,10 @@ pub struct CacheConfig {
     pub stale_if_error_grace_secs: u64,
     /// How long a background refresh (stale-while-revalidate) may take.
     pub refresh_timeout_ms: u64,
+    /// Concurrent misses for one URL in one worker wait for the first one's response.
+    pub coalesce: bool,
+    /// How long a waiting request waits before it goes upstream itself.
+    pub coalesce_timeout_ms: u64,
 }
 
 /// Limits that keep the shared index and the per-request work bounded.
@@ -72,6 +76,8 @@ impl Default for CacheConfig {
             heuristic_max_secs: 86_400,
             stale_if_error_grace_secs: 0,
             refresh_timeout_ms: 5_000,
+            coalesce: true,
+            coalesce_timeout_ms: 5_000,
         }
     }
 }
@@ -268,6 +274,12 @@ impl Config {
             return Err(ConfigError::new(
                 "cache.heuristic_fraction",
                 "must be in [0, 1]",
+            ));
+        }
+        if c.coalesce_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "cache.coalesce_timeout_ms",
+                "must be positive",
             ));
         }
         if c.refresh_timeout_ms == 0 {

@@ -11,6 +11,8 @@ pub const CACHE_SERVED_BYTES_TOTAL: &str = "edge_filter_cache_served_bytes_total
 pub const UPSTREAM_RECEIVED_BYTES_TOTAL: &str = "edge_filter_upstream_received_bytes_total";
 /// Responses stored (counter).
 pub const CACHE_STORES_TOTAL: &str = "edge_filter_cache_stores_total";
+/// Requests that waited for another request's response and were answered from it (counter).
+pub const REQUESTS_COALESCED_TOTAL: &str = "edge_filter_requests_coalesced_total";
 /// Entries evicted to make room (counter).
 pub const CACHE_EVICTIONS_TOTAL: &str = "edge_filter_cache_evictions_total";
 /// Plugin configurations rejected (counter).

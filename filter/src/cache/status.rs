@@ -25,6 +25,9 @@ pub enum CacheStatus {
         fwd_status: Option<u16>,
         /// The response was accepted for storage (§2.5).
         stored: bool,
+        /// The request waited for another request's response and was answered from it
+        /// (§2.6).
+        collapsed: bool,
         /// Freshness left of the response sent, when it came from the cache after all
         /// (revalidated, or stale on error).
         ttl: Option<i64>,
@@ -49,6 +52,7 @@ impl CacheStatus {
                 fwd,
                 fwd_status,
                 stored,
+                collapsed,
                 ttl,
                 detail,
             } => {
@@ -61,6 +65,9 @@ impl CacheStatus {
                 }
                 if *stored {
                     s.push_str("; stored");
+                }
+                if *collapsed {
+                    s.push_str("; collapsed");
                 }
                 if let Some(d) = detail {
                     let _ = write!(s, "; detail={d}");
@@ -115,6 +122,7 @@ mod tests {
             fwd: Forward::UriMiss,
             fwd_status: Some(200),
             stored: true,
+            collapsed: false,
             ttl: None,
             detail: None,
         };
@@ -126,6 +134,7 @@ mod tests {
             fwd: Forward::Method,
             fwd_status: None,
             stored: false,
+            collapsed: false,
             ttl: None,
             detail: Some("no-store"),
         };
@@ -134,12 +143,25 @@ mod tests {
             fwd: Forward::Stale,
             fwd_status: Some(503),
             stored: false,
+            collapsed: false,
             ttl: Some(-4),
             detail: Some("stale-if-error"),
         };
         assert_eq!(
             s.render(),
             "edge-filter; fwd=stale; fwd-status=503; ttl=-4; detail=stale-if-error"
+        );
+        let s = CacheStatus::Forward {
+            fwd: Forward::UriMiss,
+            fwd_status: Some(200),
+            stored: false,
+            collapsed: true,
+            ttl: Some(60),
+            detail: None,
+        };
+        assert_eq!(
+            s.render(),
+            "edge-filter; fwd=uri-miss; fwd-status=200; ttl=60; collapsed"
         );
     }
 

@@ -3,7 +3,7 @@
 //! stream to the client.
 
 use super::host::{now_ms, now_us};
-use super::root::{RefreshJob, State, READY_KEY};
+use super::root::{self, Pending, RefreshJob, State, Waiter, READY_KEY};
 use crate::cache::cache_control::CacheControl;
 use crate::cache::conditional::{self, Evaluation};
 use crate::cache::entry::{self, EntryView, ResponseView};
@@ -47,8 +47,22 @@ struct Capture {
     declared: Option<u64>,
 }
 
+/// This request's part in coalescing (one worker's concurrent misses for one URL).
+enum Role {
+    None,
+    /// Went upstream; others wait for its response.
+    Leader(CacheKey),
+    /// Paused, waiting for the leader of this key.
+    Waiter(CacheKey),
+}
+
+/// Most requests that wait for one leader; later ones go upstream themselves.
+const MAX_WAITERS: usize = 256;
+
 pub struct Http {
+    id: u32,
     state: Rc<RefCell<Option<State>>>,
+    role: Role,
     /// Answered by the filter (hit, health, purge): response callbacks leave it alone.
     local_reply: bool,
     /// Health probes are counted in their own metric, not as requests.
@@ -66,9 +80,11 @@ pub struct Http {
 }
 
 impl Http {
-    pub fn new(state: Rc<RefCell<Option<State>>>) -> Http {
+    pub fn new(id: u32, state: Rc<RefCell<Option<State>>>) -> Http {
         Http {
+            id,
             state,
+            role: Role::None,
             local_reply: false,
             probe: false,
             result: CacheResult::Bypass,
@@ -183,8 +199,82 @@ impl Http {
             let cs = self.forward_status(None).render();
             return self.reply(504, vec![("cache-status", &cs)], b"");
         }
+        let action = self.coalesce(state, &lookup, now);
         self.lookup = Some(lookup);
-        Action::Continue
+        action
+    }
+
+    /// The first miss for a URL in this worker leads; later ones wait, paused, for its
+    /// response (bounded in number here and in time by the root's tick).
+    fn coalesce(&mut self, state: &mut State, lookup: &Lookup, now: u64) -> Action {
+        let eligible = state.config.cache.coalesce
+            && matches!(
+                self.fwd,
+                Forward::UriMiss | Forward::VaryMiss | Forward::Stale
+            )
+            && !lookup.policy.cc.no_store;
+        if !eligible {
+            return Action::Continue;
+        }
+        let key = lookup.key.as_str();
+        match state.pending.get_mut(key) {
+            Some(p) if p.waiters.len() < MAX_WAITERS => {
+                p.waiters.push(Waiter {
+                    id: self.id,
+                    since_ms: now,
+                    head: lookup.head,
+                    headers: lookup.headers.clone(),
+                });
+                self.role = Role::Waiter(lookup.key.clone());
+                Action::Pause
+            }
+            Some(_) => Action::Continue,
+            None => {
+                let hash = lookup.key.hash64();
+                let until = now + state.config.cache.coalesce_timeout_ms;
+                let remote =
+                    root::flight_held(hash, now) || !root::flight_acquire(hash, now, until);
+                let mut p = Pending {
+                    key: lookup.key.clone(),
+                    remote,
+                    leader_status: 0,
+                    waiters: Vec::new(),
+                };
+                if remote && root::flight_held(hash, now) {
+                    // Another worker is fetching it: wait for its response too.
+                    p.waiters.push(Waiter {
+                        id: self.id,
+                        since_ms: now,
+                        head: lookup.head,
+                        headers: lookup.headers.clone(),
+                    });
+                    state.pending.insert(key.to_string(), p);
+                    self.role = Role::Waiter(lookup.key.clone());
+                    let _ = hostcalls::set_tick_period(Duration::from_millis(root::REMOTE_POLL_MS));
+                    return Action::Pause;
+                }
+                p.remote = false;
+                state.pending.insert(key.to_string(), p);
+                self.role = Role::Leader(lookup.key.clone());
+                Action::Continue
+            }
+        }
+    }
+
+    /// The leader's response is settled (stored or not): answer each waiter from the cache
+    /// when the stored response fits its request, else let it go upstream.
+    fn release(&mut self, state: &mut State) {
+        let Role::Leader(key) = std::mem::replace(&mut self.role, Role::None) else {
+            return;
+        };
+        root::flight_release(key.hash64());
+        let Some(mut p) = state.pending.remove(key.as_str()) else {
+            return;
+        };
+        p.leader_status = self.status as u16;
+        super::root::answer_waiters(state, p, now_ms());
+        // Host calls after this must act on this stream again.
+        let _ = hostcalls::set_effective_context(self.id);
     }
 
     /// Serves `hit` when the request may reuse it (fresh, or stale-while-revalidate);
@@ -257,29 +347,9 @@ impl Http {
         cs: CacheStatus,
         not_modified: bool,
     ) -> Action {
-        let age = age.to_string();
-        let mut headers = if not_modified {
-            conditional::not_modified_headers(&r.headers)
-        } else {
-            r.headers.clone()
-        };
-        headers.push(("age", &age));
-        let cs = cs.render();
-        if state.config.cache.cache_status {
-            headers.push(("cache-status", &cs));
-        }
-        let (status, body) = if not_modified {
-            (304, &b""[..])
-        } else {
-            (u32::from(r.meta.status), r.body)
-        };
-        if !lookup.head {
-            state
-                .metrics
-                .add(state.metrics.served_bytes, body.len() as u64);
-        }
-        // HEAD gets the body too: Envoy sends only the headers, with its length.
-        self.reply(status, headers, body)
+        self.local_reply = true;
+        self.status = send_stored(state, lookup.head, r, age, &cs, not_modified);
+        Action::Pause
     }
 
     /// Queues a background refresh of `hit` (stale-while-revalidate), one per key at a time
@@ -346,6 +416,7 @@ impl Http {
             fwd: self.fwd,
             fwd_status,
             stored: self.stored,
+            collapsed: false,
             ttl: None,
             detail: self.detail,
         }
@@ -436,6 +507,16 @@ impl Http {
         let Some(state) = guard.as_mut() else {
             return Action::Continue;
         };
+        if let Role::Waiter(_) = self.role {
+            self.role = Role::None;
+            if state.collapsed.remove(&self.id) {
+                // Answered from the leader's response by a local reply.
+                self.local_reply = true;
+                self.result = CacheResult::Hit;
+                self.lookup = None;
+                return Action::Continue;
+            }
+        }
         let headers = self.get_http_response_headers();
         self.status = policy::values(&headers, ":status")
             .first()
@@ -455,6 +536,7 @@ impl Http {
                 now.saturating_sub(l.sent_ms),
             );
             if let Some(action) = self.after_forward(state, &mut l, &headers, now) {
+                self.release(state);
                 return action;
             }
             self.lookup = Some(l);
@@ -463,6 +545,10 @@ impl Http {
             let ours = self.forward_status(Some(status)).render();
             let existing = policy::values(&headers, "cache-status");
             self.set_http_response_header("cache-status", Some(&status::append(&existing, &ours)));
+        }
+        if self.capture.is_none() {
+            // Nothing will be stored: waiters need not wait for the body.
+            self.release(state);
         }
         drop(guard);
         if end_of_stream {
@@ -516,6 +602,7 @@ impl Http {
                             fwd: Forward::Stale,
                             fwd_status: Some(status),
                             stored: false,
+                            collapsed: false,
                             ttl: Some(ttl),
                             detail: Some(sie.as_str()),
                         };
@@ -588,6 +675,7 @@ impl Http {
             fwd: self.fwd,
             fwd_status: Some(304),
             stored: true,
+            collapsed: false,
             ttl: Some(i64::from(r.meta.lifetime) - age as i64),
             detail: None,
         };
@@ -632,13 +720,14 @@ impl Http {
         let (Some(c), Some(l)) = (self.capture.take(), self.lookup.as_ref()) else {
             return;
         };
-        if c.declared.is_some_and(|d| d != c.body.len() as u64) {
-            self.result = CacheResult::Uncacheable;
-            return;
-        }
         let state_rc = self.state.clone();
         let mut guard = state_rc.borrow_mut();
         let Some(state) = guard.as_mut() else { return };
+        if c.declared.is_some_and(|d| d != c.body.len() as u64) {
+            self.result = CacheResult::Uncacheable;
+            self.release(state);
+            return;
+        }
         let names = l.names.as_deref();
         let res = lookup::insert_response(
             &mut state.store,
@@ -665,8 +754,77 @@ impl Http {
     }
 }
 
+impl Http {
+    /// A waiter whose stream ends leaves its leader's list, so nobody acts on a dead stream.
+    fn leave(&mut self, state: &mut State) {
+        if let Role::Waiter(key) = std::mem::replace(&mut self.role, Role::None) {
+            if let Some(p) = state.pending.get_mut(key.as_str()) {
+                p.waiters.retain(|w| w.id != self.id);
+            }
+        }
+        state.collapsed.remove(&self.id);
+    }
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        // Normally done in on_log; a stream the host deletes without logging ends here.
+        let state_rc = self.state.clone();
+        let Ok(mut guard) = state_rc.try_borrow_mut() else {
+            return;
+        };
+        if let Some(state) = guard.as_mut() {
+            if let Role::Leader(key) = std::mem::replace(&mut self.role, Role::None) {
+                root::flight_release(key.hash64());
+                if let Some(p) = state.pending.remove(key.as_str()) {
+                    super::root::answer_waiters(state, p, now_ms());
+                }
+            } else {
+                self.leave(state);
+            }
+        }
+    }
+}
+
+/// Answers the effective stream from a stored response: its status (or 304 when the
+/// client's precondition failed), headers plus `Age` and `Cache-Status`, and body (Envoy
+/// drops it for HEAD but keeps its length). Returns the status sent.
+pub fn send_stored(
+    state: &State,
+    head: bool,
+    r: &ResponseView<'_>,
+    age: u64,
+    cs: &CacheStatus,
+    not_modified: bool,
+) -> u32 {
+    let age = age.to_string();
+    let mut headers = if not_modified {
+        conditional::not_modified_headers(&r.headers)
+    } else {
+        r.headers.clone()
+    };
+    headers.push(("age", &age));
+    let cs = cs.render();
+    if state.config.cache.cache_status {
+        headers.push(("cache-status", &cs));
+    }
+    let (status, body) = if not_modified {
+        (304, &b""[..])
+    } else {
+        (u32::from(r.meta.status), r.body)
+    };
+    if !head {
+        state
+            .metrics
+            .add(state.metrics.served_bytes, body.len() as u64);
+    }
+    // The host refuses only when the stream is already gone: nothing left to answer.
+    let _ = hostcalls::send_http_response(status, headers, Some(body));
+    status
+}
+
 /// Current age of a stored response (RFC 9111 §4.2.3).
-fn entry_age(r: &ResponseView<'_>, now_s: u64) -> u64 {
+pub fn entry_age(r: &ResponseView<'_>, now_s: u64) -> u64 {
     crate::cache::freshness::current_age(u64::from(r.meta.initial_age), r.meta.response_time, now_s)
 }
 
@@ -692,8 +850,12 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        let guard = self.state.borrow();
-        let Some(state) = guard.as_ref() else { return };
+        let state_rc = self.state.clone();
+        let mut guard = state_rc.borrow_mut();
+        let Some(state) = guard.as_mut() else { return };
+        // A leader cut off before its response settled: its waiters go upstream.
+        self.release(state);
+        self.leave(state);
         if self.probe {
             return;
         }

@@ -10,5 +10,5 @@ use proxy_wasm::types::LogLevel;
 proxy_wasm::main! {{
     // Info: debug formatting would cost time on every request.
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::new()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(root::Root::new(id)) });
 }}

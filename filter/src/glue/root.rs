@@ -7,11 +7,12 @@ use crate::cache::conditional;
 use crate::cache::entry::{self, EntryView};
 use crate::cache::key::CacheKey;
 use crate::cache::lookup::{self, Found};
-use crate::cache::policy::{self, RequestPolicy, StoreContext};
+use crate::cache::policy::{self, Forward, RequestPolicy, Reuse, StoreContext};
+use crate::cache::status::CacheStatus;
 use crate::cache::store::{Limits, Store};
 use crate::config::Config;
 use crate::health::UpstreamCheck;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use log::{debug, error, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -23,6 +24,13 @@ use std::time::Duration;
 pub const NAMESPACE: &str = "ef1";
 /// Shared-data key of the latest readiness check, so every worker answers the same.
 pub const READY_KEY: &str = "ef1/ready";
+/// Prefix of the in-flight markers that let workers coalesce with each other: a miss whose
+/// URL another worker is already fetching waits for that worker's response. Bounded like
+/// the refresh locks.
+pub const FLIGHT_PREFIX: &str = "ef1/fl/";
+/// How often the root context polls for remote leaders' responses.
+pub const REMOTE_POLL_MS: u64 = 20;
+
 /// Prefix of the refresh locks: one background refresh per key across workers. The lock is
 /// chosen by key hash among 1024, so the set of keys stays bounded.
 pub const REFRESH_LOCK_PREFIX: &str = "ef1/lk/";
@@ -39,6 +47,25 @@ pub struct RefreshJob {
     pub lock: String,
 }
 
+/// A request waiting for another request's response (coalescing).
+pub struct Waiter {
+    pub id: u32,
+    pub since_ms: u64,
+    pub head: bool,
+    pub headers: Vec<(String, String)>,
+}
+
+/// The requests waiting on one leader, by URL.
+pub struct Pending {
+    pub key: CacheKey,
+    /// The leader is in another worker: every request here waits, and the root context
+    /// polls the store until the entry appears or the leader's marker goes.
+    pub remote: bool,
+    /// The leader's upstream status, once known.
+    pub leader_status: u16,
+    pub waiters: Vec<Waiter>,
+}
+
 /// What the root context and its HTTP contexts share in one VM.
 pub struct State {
     pub config: Config,
@@ -47,6 +74,10 @@ pub struct State {
     pub started_ms: u64,
     /// Refreshes waiting for the root context to send them.
     pub refresh: Vec<RefreshJob>,
+    /// Coalesced misses, by primary key text.
+    pub pending: HashMap<String, Pending>,
+    /// Waiters answered from the cache whose own callbacks have not run yet.
+    pub collapsed: HashSet<u32>,
 }
 
 impl State {
@@ -60,6 +91,7 @@ impl State {
 }
 
 pub struct Root {
+    id: u32,
     state: Rc<RefCell<Option<State>>>,
     metrics: Option<Rc<Metrics>>,
     started_ms: u64,
@@ -72,8 +104,9 @@ pub struct Root {
 }
 
 impl Root {
-    pub fn new() -> Root {
+    pub fn new(id: u32) -> Root {
         Root {
+            id,
             state: Rc::new(RefCell::new(None)),
             metrics: None,
             started_ms: 0,
@@ -81,6 +114,76 @@ impl Root {
             next_check_ms: 0,
             refreshing: HashMap::new(),
             tick_ms: 1000,
+        }
+    }
+
+    /// Requests waiting on another worker's leader: answered once the entry is stored, or
+    /// let go when the leader's marker disappears without one.
+    fn poll_remote(&mut self, now: u64) -> bool {
+        let mut guard = self.state.borrow_mut();
+        let Some(s) = guard.as_mut() else {
+            return false;
+        };
+        let keys: Vec<String> = s
+            .pending
+            .iter()
+            .filter(|(_, p)| p.remote)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &keys {
+            let Some(p) = s.pending.get(k) else { continue };
+            let Some(first) = p.waiters.first() else {
+                s.pending.remove(k);
+                continue;
+            };
+            let stored = match lookup::lookup(&mut s.store, &p.key, &first.headers, now) {
+                Found::Response(hit) => matches!(
+                    entry::decode(&hit.value),
+                    Ok(EntryView::Response(r))
+                        if matches!(policy::reuse(&r.meta, &RequestPolicy::from_request(&first.headers), now / 1000), Reuse::Fresh { .. })
+                ),
+                _ => false,
+            };
+            if stored || !flight_held(p.key.hash64(), now) {
+                if let Some(p) = s.pending.remove(k) {
+                    answer_waiters(s, p, now);
+                }
+            }
+        }
+        let remaining = s.pending.values().any(|p| p.remote);
+        drop(guard);
+        if !keys.is_empty() {
+            let _ = proxy_wasm::hostcalls::set_effective_context(self.id);
+        }
+        remaining
+    }
+
+    /// Waiters past the coalescing bound stop waiting and go upstream themselves.
+    fn expire_waiters(&mut self, now: u64) {
+        let expired: Vec<u32> = {
+            let mut guard = self.state.borrow_mut();
+            let Some(s) = guard.as_mut() else { return };
+            let bound = s.config.cache.coalesce_timeout_ms;
+            let mut out = Vec::new();
+            for p in s.pending.values_mut() {
+                // The first waiter of a remote entry waits exactly as long as the others.
+                p.waiters.retain(|w| {
+                    let keep = now.saturating_sub(w.since_ms) < bound;
+                    if !keep {
+                        out.push(w.id);
+                    }
+                    keep
+                });
+            }
+            out
+        };
+        for id in &expired {
+            if proxy_wasm::hostcalls::set_effective_context(*id).is_ok() {
+                let _ = proxy_wasm::hostcalls::resume_http_request();
+            }
+        }
+        if !expired.is_empty() {
+            let _ = proxy_wasm::hostcalls::set_effective_context(self.id);
         }
     }
 
@@ -317,6 +420,8 @@ impl RootContext for Root {
                 self.started_ms
             },
             refresh: Vec::new(),
+            pending: HashMap::new(),
+            collapsed: HashSet::new(),
         };
         state.publish_usage();
         *self.state.borrow_mut() = Some(state);
@@ -328,9 +433,16 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let now = now_ms();
-        // An HTTP context may have shortened the period to wake us for a refresh.
+        // An HTTP context may have shortened the period to wake us for a refresh or for
+        // requests waiting on another worker.
         self.dispatch_refreshes(now);
-        self.set_tick_period(Duration::from_millis(self.tick_ms));
+        let polling = self.poll_remote(now);
+        let period = if polling {
+            REMOTE_POLL_MS
+        } else {
+            self.tick_ms
+        };
+        self.set_tick_period(Duration::from_millis(period));
         let (period, timeout) = {
             let mut guard = self.state.borrow_mut();
             let Some(s) = guard.as_mut() else { return };
@@ -348,6 +460,7 @@ impl RootContext for Root {
                 self.in_flight = None;
             }
         }
+        self.expire_waiters(now);
         // Refreshes the host never answered are dropped (their lock expires by itself).
         let refresh_timeout = self
             .state
@@ -371,8 +484,8 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http::new(self.state.clone())))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http::new(context_id, self.state.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -382,4 +495,97 @@ impl RootContext for Root {
 
 fn release_lock(lock: &str) {
     let _ = proxy_wasm::hostcalls::set_shared_data(lock, Some(b"0"), None);
+}
+
+/// Answers each waiter of a settled leader: from the cache when the stored response fits
+/// its request, else it resumes and goes upstream. Leaves the effective context on the last
+/// waiter: the caller restores its own.
+pub fn answer_waiters(state: &mut State, p: Pending, now: u64) {
+    for w in &p.waiters {
+        if proxy_wasm::hostcalls::set_effective_context(w.id).is_err() {
+            continue;
+        }
+        if serve_waiter(state, &p, w, now) {
+            state.collapsed.insert(w.id);
+            state.metrics.add(state.metrics.coalesced, 1);
+        } else {
+            let _ = proxy_wasm::hostcalls::resume_http_request();
+        }
+    }
+}
+
+fn serve_waiter(state: &mut State, p: &Pending, w: &Waiter, now: u64) -> bool {
+    let Found::Response(hit) = lookup::lookup(&mut state.store, &p.key, &w.headers, now) else {
+        return false;
+    };
+    let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {
+        return false;
+    };
+    let request = RequestPolicy::from_request(&w.headers);
+    let Reuse::Fresh { age, ttl } = policy::reuse(&r.meta, &request, now / 1000) else {
+        return false;
+    };
+    let eval = conditional::evaluate(&w.headers, &r.headers, r.meta.response_time);
+    if eval == conditional::Evaluation::Forward {
+        return false;
+    }
+    let cs = CacheStatus::Forward {
+        fwd: Forward::UriMiss,
+        fwd_status: (p.leader_status != 0).then_some(p.leader_status),
+        stored: false,
+        collapsed: true,
+        ttl: Some(ttl),
+        detail: None,
+    };
+    let not_modified = eval == conditional::Evaluation::NotModified;
+    super::http::send_stored(state, w.head, &r, age, &cs, not_modified);
+    true
+}
+
+/// The in-flight marker of a primary key hash: `<until_ms>:<hash>`.
+pub fn flight_key(hash: u64) -> String {
+    format!("{FLIGHT_PREFIX}{}", hash % 1024)
+}
+
+/// Whether another request (in any worker) is fetching `hash` now.
+pub fn flight_held(hash: u64, now: u64) -> bool {
+    proxy_wasm::hostcalls::get_shared_data(&flight_key(hash))
+        .ok()
+        .and_then(|(v, _)| v)
+        .and_then(|v| parse_flight(&v))
+        .is_some_and(|(until, h)| h == hash && until > now)
+}
+
+fn parse_flight(v: &[u8]) -> Option<(u64, u64)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (until, h) = s.split_once(':')?;
+    Some((until.parse().ok()?, h.parse().ok()?))
+}
+
+/// Marks `hash` as being fetched until `until`; false when another request holds it.
+pub fn flight_acquire(hash: u64, now: u64, until: u64) -> bool {
+    let key = flight_key(hash);
+    let (held, cas) = match proxy_wasm::hostcalls::get_shared_data(&key) {
+        Ok((v, cas)) => (
+            v.and_then(|v| parse_flight(&v))
+                .is_some_and(|(u, h)| h == hash && u > now),
+            cas,
+        ),
+        Err(_) => return false,
+    };
+    if held {
+        return false;
+    }
+    let value = format!("{until}:{hash}");
+    proxy_wasm::hostcalls::set_shared_data(&key, Some(value.as_bytes()), cas).is_ok()
+}
+
+/// Clears the marker of `hash` if it is still ours.
+pub fn flight_release(hash: u64) {
+    let key = flight_key(hash);
+    if let Ok((Some(v), cas)) = proxy_wasm::hostcalls::get_shared_data(&key) {
+        if parse_flight(&v).is_some_and(|(_, h)| h == hash) {
+            let _ = proxy_wasm::hostcalls::set_shared_data(&key, Some(b"0:0"), cas);
+        }
+    }
 }
