@@ -87,6 +87,7 @@ fn lookup_and_decode(c: &mut Criterion) {
                 max_entries: 4096,
                 max_total_bytes: 64 << 20,
                 max_entry_bytes: 1 << 20,
+                max_variants: 8,
             },
         );
         store.init().expect("init");

@@ -45,7 +45,9 @@ pub struct CacheConfig {
     pub stale_if_error_grace_secs: u64,
     /// How long a background refresh (stale-while-revalidate) may take.
     pub refresh_timeout_ms: u64,
-    /// Concurrent misses for one URL in one worker wait for the first one's response.
+    /// Most stored variants of one URL (RFC 9111 §4.1); the least recently used goes first.
+    pub max_variants: u32,
+    /// Concurrent misses for one URL wait for the first one's response.
     pub coalesce: bool,
     /// How long a waiting request waits before it goes upstream itself.
     pub coalesce_timeout_ms: u64,
@@ -76,6 +78,7 @@ impl Default for CacheConfig {
             heuristic_max_secs: 86_400,
             stale_if_error_grace_secs: 0,
             refresh_timeout_ms: 5_000,
+            max_variants: 16,
             coalesce: true,
             coalesce_timeout_ms: 5_000,
         }
@@ -274,6 +277,12 @@ impl Config {
             return Err(ConfigError::new(
                 "cache.heuristic_fraction",
                 "must be in [0, 1]",
+            ));
+        }
+        if c.max_variants == 0 || c.max_variants > c.max_entries {
+            return Err(ConfigError::new(
+                "cache.max_variants",
+                "must be between 1 and cache.max_entries",
             ));
         }
         if c.coalesce_timeout_ms == 0 {

@@ -13,6 +13,10 @@ pub const UPSTREAM_RECEIVED_BYTES_TOTAL: &str = "edge_filter_upstream_received_b
 pub const CACHE_STORES_TOTAL: &str = "edge_filter_cache_stores_total";
 /// Requests that waited for another request's response and were answered from it (counter).
 pub const REQUESTS_COALESCED_TOTAL: &str = "edge_filter_requests_coalesced_total";
+/// Purge requests by result (counter): `edge_filter_purges_total.result.<r>`.
+pub const PURGES_TOTAL: &str = "edge_filter_purges_total";
+/// The `result` label values of [`PURGES_TOTAL`].
+pub const PURGE_RESULTS: [&str; 4] = ["purged", "not_found", "denied", "error"];
 /// Entries evicted to make room (counter).
 pub const CACHE_EVICTIONS_TOTAL: &str = "edge_filter_cache_evictions_total";
 /// Plugin configurations rejected (counter).
@@ -88,6 +92,11 @@ pub fn requests_name(result: CacheResult, class: &str) -> String {
         "{REQUESTS_TOTAL}.cache_result.{}.status_class.{class}",
         result.as_str()
     )
+}
+
+/// `edge_filter_purges_total.result.<r>`.
+pub fn purges_name(result: &str) -> String {
+    format!("{PURGES_TOTAL}.result.{result}")
 }
 
 /// `edge_filter_health_requests_total.probe.<p>.status.<s>`.

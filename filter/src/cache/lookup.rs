@@ -196,6 +196,7 @@ mod tests {
                 max_entries: 16,
                 max_total_bytes: 1 << 20,
                 max_entry_bytes: 1 << 20,
+                max_variants: 8,
             },
         );
         s.init().unwrap();

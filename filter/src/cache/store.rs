@@ -72,6 +72,9 @@ pub struct Limits {
     pub max_total_bytes: u64,
     /// Most bytes of one stored value.
     pub max_entry_bytes: u64,
+    /// Most variants of one URL (RFC 9111 §4.1 leaves the number to the cache); the least
+    /// recently used goes first.
+    pub max_variants: u32,
 }
 
 /// What a slot holds.
@@ -437,6 +440,35 @@ impl<S: SharedData> Store<S> {
                     freed.push(slot as u32);
                 }
             }
+            // Bound the variants of one URL.
+            for primary in items
+                .iter()
+                .filter(|i| i.kind == Kind::Variant)
+                .map(|i| i.primary as u32)
+            {
+                let incoming = items
+                    .iter()
+                    .filter(|i| i.kind == Kind::Variant && i.primary as u32 == primary)
+                    .count();
+                loop {
+                    let oldest = index
+                        .records
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| r.kind == Kind::Variant && r.primary == primary)
+                        .map(|(s, r)| (s, r.last_access));
+                    let count = oldest.clone().count();
+                    if count + incoming <= self.limits.max_variants.max(1) as usize {
+                        break;
+                    }
+                    let Some((slot, _)) = oldest.min_by_key(|(_, t)| *t) else {
+                        break;
+                    };
+                    index.records[slot] = FREE;
+                    freed.push(slot as u32);
+                    evicted += 1;
+                }
+            }
             // Evict least recently used until the new values fit.
             let mut usage = index.usage();
             while usage.entries as usize + items.len() > self.limits.max_entries as usize
@@ -558,6 +590,54 @@ impl<S: SharedData> Store<S> {
         Err(StoreError::Contention)
     }
 
+    /// Removes every entry whose key satisfies `matches` (a purge by prefix), reading each
+    /// occupied slot once. Returns how many entries were removed.
+    pub fn remove_where(&mut self, matches: impl Fn(&str) -> bool) -> Result<u32, StoreError> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Some((b, cas)) = self.shared.get(&self.index_key) else {
+                return Ok(0);
+            };
+            let Some(mut index) = Index::decode(&b) else {
+                return Ok(0);
+            };
+            let mut freed = Vec::new();
+            for slot in 0..index.records.len() {
+                let r = index.records[slot];
+                if r.kind == Kind::Free {
+                    continue;
+                }
+                let hit = self
+                    .shared
+                    .get(&self.slot_key(slot as u32))
+                    .and_then(|(v, _)| {
+                        entry::peek_key(&v)
+                            .ok()
+                            .map(|(g, k)| g == r.generation && matches(k))
+                    })
+                    .unwrap_or(false);
+                if hit {
+                    index.records[slot] = FREE;
+                    freed.push(slot as u32);
+                }
+            }
+            if freed.is_empty() {
+                return Ok(0);
+            }
+            match self.shared.set(&self.index_key, &index.encode(), cas) {
+                Ok(()) => {}
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Host) => return Err(StoreError::Host),
+            }
+            for &slot in &freed {
+                self.clear_slot(slot);
+            }
+            self.adopt(&index, u32::MAX);
+            self.map_cas = None;
+            return Ok(freed.len() as u32);
+        }
+        Err(StoreError::Contention)
+    }
+
     fn clear_slot(&self, slot: u32) {
         // An empty value is the ABI's only way to release a key's memory.
         let _ = self.shared.set(&self.slot_key(slot), &[], 0);
@@ -620,6 +700,7 @@ mod tests {
             max_entries: entries,
             max_total_bytes: total,
             max_entry_bytes: total,
+            max_variants: 8,
         }
     }
 
@@ -740,6 +821,7 @@ mod tests {
                 max_entries: 4,
                 max_total_bytes: 1000,
                 max_entry_bytes: 200,
+                max_variants: 8,
             },
         );
         s.init().unwrap();
@@ -788,6 +870,58 @@ mod tests {
         assert!(s.get(77, "u", 3).is_none());
         assert_eq!(s.usage().entries, 0);
         assert_eq!(mem.value_bytes() as u64, mem.get_index_bytes("t"));
+    }
+
+    #[test]
+    fn variants_of_one_url_are_bounded_oldest_first() {
+        let mem = MemoryShared::default();
+        let mut l = limits(64, 1 << 20);
+        l.max_variants = 3;
+        let mut s = Store::new(&mem, "t", l);
+        s.init().unwrap();
+        let p = 42u64;
+        let variant = |h: u64| Insert {
+            hash: h,
+            primary: p,
+            kind: Kind::Variant,
+            value: value("u", 1),
+        };
+        for (i, h) in [100u64, 101, 102].iter().enumerate() {
+            s.insert(vec![variant(*h)], false, i as u64).unwrap();
+        }
+        assert!(s.get(100, "u", 10).is_some()); // 100 is now the most recent
+        s.flush_touches();
+        let out = s.insert(vec![variant(103)], false, 11).unwrap();
+        assert_eq!(out.evicted, 1);
+        assert!(
+            s.get(101, "u", 12).is_none(),
+            "least recently used variant went"
+        );
+        assert!(s.get(100, "u", 12).is_some() && s.get(103, "u", 12).is_some());
+        // Another URL's variants are not counted.
+        let other = Insert {
+            primary: 7,
+            ..variant(200)
+        };
+        assert_eq!(s.insert(vec![other], false, 13).unwrap().evicted, 0);
+    }
+
+    #[test]
+    fn remove_where_purges_by_key_prefix() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(16, 100_000));
+        s.init().unwrap();
+        for k in ["http://h/a/1", "http://h/a/2", "http://h/b/1"] {
+            put(&mut s, k, 10, 1);
+        }
+        assert_eq!(s.remove_where(|k| k.starts_with("http://h/a/")).unwrap(), 2);
+        assert!(!get(&mut s, "http://h/a/1", 2) && !get(&mut s, "http://h/a/2", 2));
+        assert!(get(&mut s, "http://h/b/1", 2));
+        assert_eq!(s.usage().entries, 1);
+        assert_eq!(
+            mem.value_bytes() as u64 - mem.get_index_bytes("t"),
+            s.usage().bytes
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub fn now_us() -> u64 {
 pub struct Metrics {
     requests: [[u32; STATUS_CLASSES.len()]; CacheResult::ALL.len()],
     health: [[u32; 3]; 2],
+    purges: [u32; names::PURGE_RESULTS.len()],
     pub served_bytes: u32,
     pub upstream_bytes: u32,
     pub stores: u32,
@@ -82,10 +83,13 @@ impl Metrics {
                 health[i][j] = define(MetricType::Counter, &names::health_name(p, s));
             }
         }
+        let purges =
+            names::PURGE_RESULTS.map(|r| define(MetricType::Counter, &names::purges_name(r)));
         use MetricType::{Counter, Gauge, Histogram};
         Metrics {
             requests,
             health,
+            purges,
             served_bytes: define(Counter, names::CACHE_SERVED_BYTES_TOTAL),
             upstream_bytes: define(Counter, names::UPSTREAM_RECEIVED_BYTES_TOTAL),
             stores: define(Counter, names::CACHE_STORES_TOTAL),
@@ -123,6 +127,13 @@ impl Metrics {
             .position(|r| *r == result)
             .unwrap_or(0);
         self.add(self.requests[i][names::status_class(status)], 1);
+    }
+
+    /// Counts one purge request by its result label.
+    pub fn purge(&self, result: &str) {
+        if let Some(i) = names::PURGE_RESULTS.iter().position(|r| *r == result) {
+            self.add(self.purges[i], 1);
+        }
     }
 
     /// Counts one health probe; `probe` 0 is liveness, 1 readiness.

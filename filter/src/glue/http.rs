@@ -457,6 +457,9 @@ impl Http {
         self.reply(doc.status.http_status(), headers, doc.body.as_bytes())
     }
 
+    /// A purge: the target URL and all its variants, or every URL under a prefix when the
+    /// path ends with `*`. Only with the configured token; anyone else gets 403 and nothing
+    /// is touched.
     fn purge(&mut self, state: &mut State, path: &str) -> Action {
         let p = &state.config.purge;
         let token = self
@@ -467,23 +470,38 @@ impl Http {
             ("cache-control", "no-store"),
         ];
         if !p.token_matches(&token) {
+            state.metrics.purge("denied");
             return self.reply(
                 403,
                 json.to_vec(),
                 b"{\"purged\":0,\"error\":\"forbidden\"}\n",
             );
         }
-        let Ok(key) = self.request_key(path) else {
+        let (target, prefix) = match path.strip_suffix('*') {
+            Some(t) => (t, true),
+            None => (path, false),
+        };
+        let Ok(key) = self.request_key(target) else {
+            state.metrics.purge("error");
             return self.reply(
                 400,
                 json.to_vec(),
                 b"{\"purged\":0,\"error\":\"bad target\"}\n",
             );
         };
-        let removed = state.store.remove(key.hash64());
+        let removed = if prefix {
+            // The key of `/a*` minus the `*` is `.../a`: everything whose key starts there.
+            let k = key.as_str().to_string();
+            state.store.remove_where(|stored| stored.starts_with(&k))
+        } else {
+            state.store.remove(key.hash64())
+        };
         state.publish_usage();
         match removed {
             Ok(n) => {
+                state
+                    .metrics
+                    .purge(if n > 0 { "purged" } else { "not_found" });
                 let body = format!("{{\"purged\":{n}}}\n");
                 self.reply(
                     if n > 0 { 200 } else { 404 },
@@ -492,6 +510,7 @@ impl Http {
                 )
             }
             Err(e) => {
+                state.metrics.purge("error");
                 let body = format!("{{\"purged\":0,\"error\":\"{e}\"}}\n");
                 self.reply(503, json.to_vec(), body.as_bytes())
             }

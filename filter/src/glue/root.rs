@@ -402,6 +402,7 @@ impl RootContext for Root {
             max_entries: config.cache.max_entries,
             max_total_bytes: config.cache.max_total_bytes,
             max_entry_bytes: config.cache.max_entry_bytes,
+            max_variants: config.cache.max_variants,
         };
         let mut store = Store::new(HostShared, NAMESPACE, limits);
         if let Err(e) = store.init() {
