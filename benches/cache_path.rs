@@ -4,8 +4,10 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edge_filter::cache::cache_control::CacheControl;
+use edge_filter::cache::conditional;
 use edge_filter::cache::entry::{self, EntryView, ResponseMeta};
 use edge_filter::cache::key::CacheKey;
+use edge_filter::cache::lookup;
 use edge_filter::cache::policy::{self, RequestPolicy};
 use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Store};
 
@@ -176,5 +178,105 @@ fn lookup_and_decode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, key_building, cache_control, lookup_and_decode);
+/// The decisions each new path adds on top of a lookup, on a 1 KiB entry: a client's
+/// conditional answered 304, a stale entry served (stale-while-revalidate / stale-if-error),
+/// and a coalesced waiter answered from the leader's stored response.
+fn new_paths(c: &mut Criterion) {
+    let value = encoded(1024);
+    let now = 1_764_331_200 + 10;
+    let conditional_req = vec![
+        ("if-none-match".to_string(), "\"5f2b-1a2b3c4d\"".to_string()),
+        ("accept".to_string(), "*/*".to_string()),
+    ];
+    c.bench_function("path/conditional_304", |b| {
+        b.iter(|| {
+            let Ok(EntryView::Response(r)) = entry::decode(black_box(&value)) else {
+                return 0;
+            };
+            let req = RequestPolicy::from_request(&conditional_req);
+            let policy::Reuse::Fresh { .. } = policy::reuse(&r.meta, &req, now) else {
+                return 0;
+            };
+            match conditional::evaluate(&conditional_req, &r.headers, r.meta.response_time) {
+                conditional::Evaluation::NotModified => {
+                    conditional::not_modified_headers(&r.headers).len()
+                }
+                _ => 0,
+            }
+        })
+    });
+    c.bench_function("path/stale_serve", |b| {
+        let req = RequestPolicy::default();
+        b.iter(|| {
+            let Ok(EntryView::Response(r)) = entry::decode(black_box(&value)) else {
+                return None;
+            };
+            let cc = CacheControl::parse(policy::header_values(&r.headers, "cache-control"));
+            // One hour and 30 s old: inside the 60 s stale-while-revalidate window.
+            policy::stale_allowed(
+                &r.meta,
+                &cc,
+                &req,
+                1_764_331_200 + 3630,
+                policy::StaleReason::WhileRevalidate,
+                0,
+            )
+        })
+    });
+    let mem = MemoryShared::default();
+    let mut store = Store::new(
+        &mem,
+        "w",
+        Limits {
+            max_entries: 4096,
+            max_total_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+            max_variants: 8,
+        },
+    );
+    store.init().expect("init");
+    let key = CacheKey::new("https", "www.example.com", "/assets/app.js?v=42").expect("key");
+    let h = key.hash64();
+    store
+        .insert(
+            vec![Insert {
+                hash: h,
+                primary: h,
+                kind: Kind::Response,
+                value: value.clone(),
+            }],
+            true,
+            1,
+        )
+        .expect("insert");
+    let waiter = vec![("accept".to_string(), "*/*".to_string())];
+    c.bench_function("path/coalesced_waiter", |b| {
+        let mut t = 2;
+        b.iter(|| {
+            t += 1;
+            let lookup::Found::Response(hit) = lookup::lookup(&mut store, &key, &waiter, t) else {
+                return 0;
+            };
+            let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {
+                return 0;
+            };
+            let req = RequestPolicy::from_request(&waiter);
+            match policy::reuse(&r.meta, &req, now) {
+                policy::Reuse::Fresh { .. } => {
+                    conditional::evaluate(&waiter, &r.headers, r.meta.response_time);
+                    r.body.len()
+                }
+                _ => 0,
+            }
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    key_building,
+    cache_control,
+    lookup_and_decode,
+    new_paths
+);
 criterion_main!(benches);

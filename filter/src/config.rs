@@ -141,8 +141,11 @@ pub struct PurgeConfig {
     pub method: String,
     /// Request header that carries the token.
     pub token_header: String,
-    /// The secret; required when enabled.
+    /// The secret; required when enabled, unless `token_env` names where to find it.
     pub token: Option<String>,
+    /// Environment variable of the Wasm VM (Envoy `vm_config.environment_variables`) that
+    /// holds the token, so that it can come from a Kubernetes Secret instead of the config.
+    pub token_env: Option<String>,
 }
 
 impl Default for PurgeConfig {
@@ -152,6 +155,7 @@ impl Default for PurgeConfig {
             method: "PURGE".into(),
             token_header: "x-purge-token".into(),
             token: None,
+            token_env: None,
         }
     }
 }
@@ -216,6 +220,14 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Parses and validates plugin configuration bytes. Empty input means all defaults.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Config::parse_with_env(bytes, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::parse`] with the environment given by `env` (tests pass their own).
+    pub fn parse_with_env(
+        bytes: &[u8],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Config::default());
         }
@@ -224,7 +236,7 @@ impl Config {
             return Err(ConfigError::new(".", "must be a JSON object"));
         }
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             // serde's unknown-field message names the field; the path is its parent.
@@ -232,6 +244,23 @@ impl Config {
         })?;
         de.end()
             .map_err(|e| ConfigError::new(".", strip_position(&e.to_string())))?;
+        if let Some(name) = config.purge.token_env.clone() {
+            if config.purge.token.is_some() {
+                return Err(ConfigError::new(
+                    "purge.token_env",
+                    "cannot be used together with purge.token",
+                ));
+            }
+            match env(&name).filter(|t| !t.is_empty()) {
+                Some(t) => config.purge.token = Some(t),
+                None => {
+                    return Err(ConfigError::new(
+                        "purge.token_env",
+                        format!("environment variable `{name}` is not set in the Wasm VM"),
+                    ))
+                }
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -457,6 +486,23 @@ mod tests {
         assert!(Config::parse(b"{").is_err());
         assert!(Config::parse(b"{} x").is_err());
         assert!(Config::parse(b"[]").is_err());
+    }
+
+    #[test]
+    fn purge_token_from_the_vm_environment() {
+        let env = |n: &str| (n == "PURGE_TOKEN").then(|| "from-secret".to_string());
+        let json = br#"{"purge":{"enabled":true,"token_env":"PURGE_TOKEN"}}"#;
+        let c = Config::parse_with_env(json, env).unwrap();
+        assert!(c.purge.token_matches(b"from-secret"));
+        let missing = br#"{"purge":{"enabled":true,"token_env":"NOPE"}}"#;
+        let e = Config::parse_with_env(missing, env).unwrap_err();
+        assert_eq!(e.field(), "purge.token_env");
+        assert!(e.problem().contains("NOPE"), "{e}");
+        let both = br#"{"purge":{"token":"x","token_env":"PURGE_TOKEN"}}"#;
+        assert_eq!(
+            Config::parse_with_env(both, env).unwrap_err().field(),
+            "purge.token_env"
+        );
     }
 
     #[test]

@@ -126,25 +126,30 @@ fn normalize_authority(scheme: &str, authority: &str) -> Result<String, KeyError
     {
         return Err(KeyError::Malformed);
     }
-    let mut a = host_port.to_ascii_lowercase();
+    let a = host_port.to_ascii_lowercase();
     // Split a port that follows the host (an IPv6 literal ends with ']').
-    if let Some(colon) = a.rfind(':') {
-        if !a[colon..].contains(']') {
-            let port = &a[colon + 1..];
-            if !port.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(KeyError::Malformed);
-            }
-            let default = matches!((scheme, port), ("http", "80") | ("https", "443"));
-            if port.is_empty() || default {
-                a.truncate(colon);
-            }
-        }
+    let (mut host, port) = match a.rfind(':') {
+        Some(colon) if !a[colon..].contains(']') => (a[..colon].to_string(), &a[colon + 1..]),
+        _ => (a.clone(), ""),
+    };
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(KeyError::Malformed);
     }
     // A trailing dot names the same host (RFC 1034 §3.1).
-    if a.ends_with('.') && a.len() > 1 {
-        a.pop();
+    if host.ends_with('.') && host.len() > 1 {
+        host.pop();
     }
-    Ok(a)
+    // RFC 9110 §4.2.1: an http(s) URI with an empty host is invalid; a colon in a host
+    // that is not a bracketed IPv6 literal is not a host either.
+    if host.is_empty() || (!host.starts_with('[') && host.contains(':')) {
+        return Err(KeyError::Malformed);
+    }
+    let default = matches!((scheme, port), ("http", "80") | ("https", "443"));
+    if !port.is_empty() && !default {
+        host.push(':');
+        host.push_str(port);
+    }
+    Ok(host)
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -289,6 +294,10 @@ mod tests {
         assert_eq!(CacheKey::new("http", "", "/"), Err(KeyError::Malformed));
         assert_eq!(CacheKey::new("http", "h h", "/"), Err(KeyError::Malformed));
         assert_eq!(CacheKey::new("http", "h:8x", "/"), Err(KeyError::Malformed));
+        // Found by the fuzzer: a port without a host.
+        assert_eq!(CacheKey::new("a", ":", ""), Err(KeyError::Malformed));
+        assert_eq!(CacheKey::new("http", ":80", "/"), Err(KeyError::Malformed));
+        assert_eq!(CacheKey::new("+", "a::", "?"), Err(KeyError::Malformed));
         assert_eq!(CacheKey::new("", "h", "/"), Err(KeyError::Malformed));
         assert_eq!(CacheKey::new("http", "h", "*"), Err(KeyError::Malformed));
         let long = format!("/{}", "a".repeat(MAX_KEY_BYTES));

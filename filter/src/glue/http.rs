@@ -617,8 +617,9 @@ impl Http {
                         policy::stale_allowed(&r.meta, &cc, &l.policy, now / 1000, sie, grace)
                     {
                         self.result = CacheResult::Stale;
+                        // fwd keeps the reason the request went upstream (RFC 9211 §2.2).
                         let cs = CacheStatus::Forward {
-                            fwd: Forward::Stale,
+                            fwd: self.fwd,
                             fwd_status: Some(status),
                             stored: false,
                             collapsed: false,

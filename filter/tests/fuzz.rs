@@ -1,0 +1,174 @@
+//! Property-based fuzzing of everything that parses input from the network or the store:
+//! `Cache-Control`, HTTP dates, `Vary`, entity-tags and conditionals, cache keys, the stored
+//! entry codec and the store's index. Properties: never panic, and round trips hold.
+//!
+//! `PROPTEST_CASES=20000 cargo test -p edge-filter --release --test fuzz` runs a long
+//! campaign; CI runs the default number of cases.
+
+use edge_filter::cache::cache_control::CacheControl;
+use edge_filter::cache::conditional::{self, EntityTag, TagList};
+use edge_filter::cache::entry::{self, EntryView, ResponseMeta};
+use edge_filter::cache::freshness;
+use edge_filter::cache::key::CacheKey;
+use edge_filter::cache::policy::{self, RequestPolicy, StoreContext};
+use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, SharedData, Store};
+use edge_filter::cache::vary::{self, Vary};
+use edge_filter::config::Config;
+use proptest::prelude::*;
+
+/// Header-ish text: the characters that make parsers work hardest, plus anything.
+fn header_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-zA-Z0-9=,;\" \\t\\\\/*-]{0,64}",
+        any::<String>(),
+        "(max-age|s-maxage|no-cache|private|stale-if-error|max-stale)(=\"?[0-9a-z, ]{0,12}\"?)?(, ?[a-z-]{1,16}(=[0-9]{0,25})?){0,4}",
+    ]
+}
+
+fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+    let names = prop_oneof![
+        Just("cache-control".to_string()),
+        Just("expires".to_string()),
+        Just("date".to_string()),
+        Just("age".to_string()),
+        Just("vary".to_string()),
+        Just("etag".to_string()),
+        Just("last-modified".to_string()),
+        Just("content-length".to_string()),
+        Just("set-cookie".to_string()),
+        Just("connection".to_string()),
+        Just("pragma".to_string()),
+        Just("authorization".to_string()),
+        Just("if-none-match".to_string()),
+        Just("if-modified-since".to_string()),
+        "[a-z-]{1,12}",
+    ];
+    prop::collection::vec((names, header_text()), 0..12)
+}
+
+/// 64 cases per property in CI (a few seconds in debug); `PROPTEST_CASES` raises it.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig::with_cases(cases)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn cache_control_never_panics(lines in prop::collection::vec(header_text(), 0..4)) {
+        let cc = CacheControl::parse(lines.iter().map(String::as_str));
+        // Whatever was parsed, its derived views are consistent.
+        let _ = cc.requires_validation();
+        let _ = cc.withheld_fields().count();
+    }
+
+    #[test]
+    fn dates_never_panic_and_round_trip(s in any::<String>(), secs in 0u64..253_402_300_799) {
+        let _ = freshness::parse_http_date(&s);
+        let formatted = freshness::format_http_date(secs);
+        prop_assert_eq!(freshness::parse_http_date(&formatted), Some(secs));
+    }
+
+    #[test]
+    fn vary_and_secondary_keys_never_panic(lines in prop::collection::vec(header_text(), 0..4), req in headers()) {
+        if let Vary::Names(names) = Vary::parse(lines.iter().map(String::as_str)) {
+            let a = vary::secondary_key(&names, |n| policy::values(&req, n));
+            let b = vary::secondary_key(&names, |n| policy::values(&req, n));
+            prop_assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn conditionals_never_panic(req in headers(), stored in headers(), t in any::<u64>()) {
+        let stored: Vec<(&str, &str)> = stored.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let _ = conditional::evaluate(&req, &stored, t);
+        let _ = conditional::selects(&req, &stored);
+        let _ = conditional::validators(&stored);
+        for (_, v) in &req {
+            let _ = EntityTag::parse(v);
+            let _ = TagList::parse(&[v.as_str()]);
+        }
+    }
+
+    #[test]
+    fn keys_never_panic(scheme in "[a-zA-Z+.-]{0,8}", authority in any::<String>(), path in any::<String>()) {
+        if let Ok(k) = CacheKey::new(&scheme, &authority, &path) {
+            // Normalisation is idempotent on the path and query it produced.
+            let rest = &k.as_str()[k.as_str().find("://").unwrap() + 3..];
+            let slash = rest.find('/').unwrap();
+            let again = CacheKey::new(&scheme, &rest[..slash], &rest[slash..]).unwrap();
+            prop_assert_eq!(again, k);
+        }
+    }
+
+    #[test]
+    fn storability_never_panics(status in 100u16..600, resp in headers(), req in headers(), now in 0u64..4_000_000_000) {
+        let request = RequestPolicy::from_request(&req);
+        let ctx = StoreContext {
+            head: false,
+            request: &request,
+            statuses: &[200, 203, 204, 300, 301, 404, 410],
+            max_entry_bytes: 1 << 20,
+            request_time: now.saturating_sub(1),
+            response_time: now,
+            heuristic_fraction: 0.1,
+            heuristic_max_secs: 86_400,
+        };
+        if let Ok(s) = policy::storable(status, &resp, &ctx) {
+            let _ = policy::reuse(&s.meta, &request, now.saturating_add(s.meta.lifetime as u64));
+        }
+    }
+
+    #[test]
+    fn entry_codec_round_trips(
+        status in 100u16..600,
+        key in any::<String>(),
+        secondary in any::<String>(),
+        hdrs in headers(),
+        body in prop::collection::vec(any::<u8>(), 0..2048),
+        meta_bits in any::<(u16, u64, u32, u32)>(),
+    ) {
+        let meta = ResponseMeta { status, flags: meta_bits.0, response_time: meta_bits.1, initial_age: meta_bits.2, lifetime: meta_bits.3 };
+        let buf = entry::encode_response(9, &key, &secondary, &meta, &hdrs, &body);
+        let Ok(EntryView::Response(r)) = entry::decode(&buf) else {
+            return Err(TestCaseError::fail("round trip failed"));
+        };
+        prop_assert_eq!(r.key, key.as_str());
+        prop_assert_eq!(r.secondary, secondary.as_str());
+        prop_assert_eq!(r.meta, meta);
+        prop_assert_eq!(r.body, &body[..]);
+        prop_assert_eq!(r.headers.len(), hdrs.len());
+    }
+
+    #[test]
+    fn entry_decoder_never_panics(mut bytes in prop::collection::vec(any::<u8>(), 0..512), magic in any::<bool>()) {
+        if magic && bytes.len() >= 4 {
+            bytes[..4].copy_from_slice(b"EFc1");
+        }
+        let _ = entry::decode(&bytes);
+        let _ = entry::peek_key(&bytes);
+    }
+
+    #[test]
+    fn config_parser_never_panics(s in any::<String>()) {
+        let _ = Config::parse(s.as_bytes());
+    }
+
+    #[test]
+    fn store_survives_a_corrupt_index(garbage in prop::collection::vec(any::<u8>(), 0..4096)) {
+        let mem = MemoryShared::default();
+        (&mem).set("f/idx", &garbage, 0).unwrap();
+        let mut s = Store::new(&mem, "f", Limits { max_entries: 8, max_total_bytes: 1 << 16, max_entry_bytes: 1 << 12, max_variants: 4 });
+        let _ = s.init();
+        let _ = s.get(1, "k", 0);
+        let v = entry::encode_response(0, "k", "", &ResponseMeta::default(), &[], b"x");
+        let item = Insert { hash: 1, primary: 1, kind: Kind::Response, value: v };
+        let inserted = s.insert(vec![item], true, 1);
+        prop_assert!(inserted.is_ok());
+        prop_assert!(s.get(1, "k", 2).is_some());
+    }
+}
