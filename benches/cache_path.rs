@@ -9,7 +9,7 @@ use edge_filter::cache::entry::{self, EntryView, ResponseMeta};
 use edge_filter::cache::key::CacheKey;
 use edge_filter::cache::lookup;
 use edge_filter::cache::policy::{self, RequestPolicy};
-use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Store};
+use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Policy, Store};
 
 const SIZES: [(usize, &str); 2] = [(1024, "1KiB"), (100 * 1024, "100KiB")];
 
@@ -90,6 +90,7 @@ fn lookup_and_decode(c: &mut Criterion) {
                 max_total_bytes: 64 << 20,
                 max_entry_bytes: 1 << 20,
                 max_variants: 8,
+                policy: Policy::S3Fifo,
             },
         );
         store.init().expect("init");
@@ -109,7 +110,6 @@ fn lookup_and_decode(c: &mut Criterion) {
                         value: v,
                     }],
                     true,
-                    i,
                 )
                 .expect("insert");
         }
@@ -123,16 +123,11 @@ fn lookup_and_decode(c: &mut Criterion) {
                     value: value.clone(),
                 }],
                 true,
-                2000,
             )
             .expect("insert");
         group.throughput(Throughput::Bytes(len as u64));
         group.bench_with_input(BenchmarkId::new("lookup", name), &len, |b, _| {
-            let mut t = 3000;
-            b.iter(|| {
-                t += 1;
-                store.get(h, key.as_str(), t).expect("hit")
-            })
+            b.iter(|| store.get(h, key.as_str()).expect("hit"))
         });
         group.bench_with_input(BenchmarkId::new("decode", name), &value, |b, v| {
             b.iter(|| match entry::decode(black_box(v)) {
@@ -232,6 +227,7 @@ fn new_paths(c: &mut Criterion) {
             max_total_bytes: 64 << 20,
             max_entry_bytes: 1 << 20,
             max_variants: 8,
+            policy: Policy::S3Fifo,
         },
     );
     store.init().expect("init");
@@ -246,15 +242,12 @@ fn new_paths(c: &mut Criterion) {
                 value: value.clone(),
             }],
             true,
-            1,
         )
         .expect("insert");
     let waiter = vec![("accept".to_string(), "*/*".to_string())];
     c.bench_function("path/coalesced_waiter", |b| {
-        let mut t = 2;
         b.iter(|| {
-            t += 1;
-            let lookup::Found::Response(hit) = lookup::lookup(&mut store, &key, &waiter, t) else {
+            let lookup::Found::Response(hit) = lookup::lookup(&mut store, &key, &waiter) else {
                 return 0;
             };
             let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {

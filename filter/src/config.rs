@@ -45,8 +45,10 @@ pub struct CacheConfig {
     pub stale_if_error_grace_secs: u64,
     /// How long a background refresh (stale-while-revalidate) may take.
     pub refresh_timeout_ms: u64,
-    /// Most stored variants of one URL (RFC 9111 §4.1); the least recently used goes first.
+    /// Most stored variants of one URL (RFC 9111 §4.1); the oldest goes first.
     pub max_variants: u32,
+    /// Eviction policy: `"s3fifo"` (keeps more hits on skewed traffic) or `"lru"`.
+    pub eviction: crate::cache::eviction::Policy,
     /// Concurrent misses for one URL wait for the first one's response.
     pub coalesce: bool,
     /// How long a waiting request waits before it goes upstream itself.
@@ -79,6 +81,7 @@ impl Default for CacheConfig {
             stale_if_error_grace_secs: 0,
             refresh_timeout_ms: 5_000,
             max_variants: 16,
+            eviction: crate::cache::eviction::Policy::S3Fifo,
             coalesce: true,
             coalesce_timeout_ms: 5_000,
         }
@@ -308,11 +311,8 @@ impl Config {
                 "must be in [0, 1]",
             ));
         }
-        if c.max_variants == 0 || c.max_variants > c.max_entries {
-            return Err(ConfigError::new(
-                "cache.max_variants",
-                "must be between 1 and cache.max_entries",
-            ));
+        if c.max_variants == 0 {
+            return Err(ConfigError::new("cache.max_variants", "must be at least 1"));
         }
         if c.coalesce_timeout_ms == 0 {
             return Err(ConfigError::new(

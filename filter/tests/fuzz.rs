@@ -11,7 +11,7 @@ use edge_filter::cache::entry::{self, EntryView, ResponseMeta};
 use edge_filter::cache::freshness;
 use edge_filter::cache::key::CacheKey;
 use edge_filter::cache::policy::{self, RequestPolicy, StoreContext};
-use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, SharedData, Store};
+use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Policy, SharedData, Store};
 use edge_filter::cache::vary::{self, Vary};
 use edge_filter::config::Config;
 use proptest::prelude::*;
@@ -162,13 +162,13 @@ proptest! {
     fn store_survives_a_corrupt_index(garbage in prop::collection::vec(any::<u8>(), 0..4096)) {
         let mem = MemoryShared::default();
         (&mem).set("f/idx", &garbage, 0).unwrap();
-        let mut s = Store::new(&mem, "f", Limits { max_entries: 8, max_total_bytes: 1 << 16, max_entry_bytes: 1 << 12, max_variants: 4 });
+        let mut s = Store::new(&mem, "f", Limits { max_entries: 8, max_total_bytes: 1 << 16, max_entry_bytes: 1 << 12, max_variants: 4, policy: Policy::S3Fifo });
         let _ = s.init();
-        let _ = s.get(1, "k", 0);
+        let _ = s.get(1, "k");
         let v = entry::encode_response(0, "k", "", &ResponseMeta::default(), &[], b"x");
         let item = Insert { hash: 1, primary: 1, kind: Kind::Response, value: v };
-        let inserted = s.insert(vec![item], true, 1);
+        let inserted = s.insert(vec![item], true);
         prop_assert!(inserted.is_ok());
-        prop_assert!(s.get(1, "k", 2).is_some());
+        prop_assert!(s.get(1, "k").is_some());
     }
 }

@@ -45,14 +45,9 @@ pub struct Hit {
 
 /// Looks `key` up for a request with `req` headers: one read for a plain entry, two for a
 /// variant (marker, then variant).
-pub fn lookup<S: SharedData>(
-    store: &mut Store<S>,
-    key: &CacheKey,
-    req: &Headers,
-    now_ms: u64,
-) -> Found {
+pub fn lookup<S: SharedData>(store: &mut Store<S>, key: &CacheKey, req: &Headers) -> Found {
     let primary = key.hash64();
-    let Some(value) = store.get(primary, key.as_str(), now_ms) else {
+    let Some(value) = store.get(primary, key.as_str()) else {
         return Found::Miss;
     };
     match entry::decode(&value) {
@@ -66,7 +61,7 @@ pub fn lookup<S: SharedData>(
             let names: Vec<String> = m.names.iter().map(|n| n.to_string()).collect();
             let secondary = vary::secondary_key(&names, |n| policy::values(req, n));
             let vh = variant_hash(key, &secondary);
-            match store.get(vh, key.as_str(), now_ms) {
+            match store.get(vh, key.as_str()) {
                 Some(v) if is_variant(&v, &secondary) => Found::Response(Hit {
                     value: v,
                     hash: vh,
@@ -94,7 +89,6 @@ pub fn insert_response<S: SharedData>(
     known_names: Option<&[String]>,
     s: &Storable,
     body: &[u8],
-    now_ms: u64,
 ) -> Result<InsertOutcome, StoreError> {
     let primary = key.hash64();
     match &s.vary {
@@ -117,7 +111,7 @@ pub fn insert_response<S: SharedData>(
                     value,
                 },
             ];
-            store.insert(items, known_names != Some(names.as_slice()), now_ms)
+            store.insert(items, known_names != Some(names.as_slice()))
         }
         _ => {
             let value = entry::encode_response(0, key.as_str(), "", &s.meta, &s.headers, body);
@@ -127,7 +121,7 @@ pub fn insert_response<S: SharedData>(
                 kind: Kind::Response,
                 value,
             }];
-            store.insert(items, true, now_ms)
+            store.insert(items, true)
         }
     }
 }
@@ -140,7 +134,6 @@ pub fn replace_meta<S: SharedData>(
     hit: &Hit,
     meta: &ResponseMeta,
     headers: &[(String, String)],
-    now_ms: u64,
 ) -> Result<Vec<u8>, StoreError> {
     let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
         return Err(StoreError::TooLarge);
@@ -157,7 +150,7 @@ pub fn replace_meta<S: SharedData>(
         kind,
         value: value.clone(),
     };
-    store.insert(vec![item], false, now_ms)?;
+    store.insert(vec![item], false)?;
     Ok(value)
 }
 
@@ -197,6 +190,7 @@ mod tests {
                 max_total_bytes: 1 << 20,
                 max_entry_bytes: 1 << 20,
                 max_variants: 8,
+                policy: crate::cache::store::Policy::S3Fifo,
             },
         );
         s.init().unwrap();
@@ -218,10 +212,10 @@ mod tests {
         let mem = MemoryShared::default();
         let mut s = store(&mem);
         let key = CacheKey::new("http", "h", "/a").unwrap();
-        assert_eq!(lookup(&mut s, &key, &[], 1), Found::Miss);
+        assert_eq!(lookup(&mut s, &key, &[]), Found::Miss);
         let st = storable(&[("cache-control", "max-age=5")]);
-        insert_response(&mut s, &key, &[], None, &st, b"body", 2).unwrap();
-        assert_eq!(body_of(&lookup(&mut s, &key, &[], 3)), b"body");
+        insert_response(&mut s, &key, &[], None, &st, b"body").unwrap();
+        assert_eq!(body_of(&lookup(&mut s, &key, &[])), b"body");
     }
 
     #[test]
@@ -233,24 +227,24 @@ mod tests {
         let st = storable(&[("cache-control", "max-age=5"), ("vary", "Accept-Encoding")]);
         let gz = h(&[("accept-encoding", "gzip")]);
         let br = h(&[("accept-encoding", "br")]);
-        insert_response(&mut s, &key, &gz, None, &st, b"gz", 1).unwrap();
+        insert_response(&mut s, &key, &gz, None, &st, b"gz").unwrap();
         let names = vec!["accept-encoding".to_string()];
         assert_eq!(
-            lookup(&mut s, &key, &br, 2),
+            lookup(&mut s, &key, &br),
             Found::VaryMiss {
                 names: names.clone()
             }
         );
-        insert_response(&mut s, &key, &br, Some(&names), &st, b"br", 3).unwrap();
+        insert_response(&mut s, &key, &br, Some(&names), &st, b"br").unwrap();
         assert_eq!(
-            body_of(&lookup(&mut s, &key, &gz, 4)),
+            body_of(&lookup(&mut s, &key, &gz)),
             b"gz",
             "first variant kept"
         );
-        assert_eq!(body_of(&lookup(&mut s, &key, &br, 5)), b"br");
+        assert_eq!(body_of(&lookup(&mut s, &key, &br)), b"br");
         // A response varying on other names drops the old variants.
         let st2 = storable(&[("cache-control", "max-age=5"), ("vary", "Accept-Language")]);
-        insert_response(&mut s, &key, &gz, Some(&names), &st2, b"lang", 6).unwrap();
+        insert_response(&mut s, &key, &gz, Some(&names), &st2, b"lang").unwrap();
         assert_eq!(s.usage().entries, 2, "marker + one variant");
     }
 
@@ -260,16 +254,16 @@ mod tests {
         let mut s = store(&mem);
         let key = CacheKey::new("http", "h", "/r").unwrap();
         let st = storable(&[("cache-control", "max-age=5")]);
-        insert_response(&mut s, &key, &[], None, &st, b"same", 1).unwrap();
-        let Found::Response(hit) = lookup(&mut s, &key, &[], 2) else {
+        insert_response(&mut s, &key, &[], None, &st, b"same").unwrap();
+        let Found::Response(hit) = lookup(&mut s, &key, &[]) else {
             panic!()
         };
         let meta = ResponseMeta {
             lifetime: 99,
             ..st.meta
         };
-        replace_meta(&mut s, &key, &hit, &meta, &h(&[("x", "1")]), 3).unwrap();
-        let Found::Response(hit) = lookup(&mut s, &key, &[], 4) else {
+        replace_meta(&mut s, &key, &hit, &meta, &h(&[("x", "1")])).unwrap();
+        let Found::Response(hit) = lookup(&mut s, &key, &[]) else {
             panic!()
         };
         let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {

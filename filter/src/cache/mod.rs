@@ -3,6 +3,7 @@
 pub mod cache_control;
 pub mod conditional;
 pub mod entry;
+pub mod eviction;
 pub mod freshness;
 pub mod key;
 pub mod lookup;

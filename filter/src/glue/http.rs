@@ -181,7 +181,7 @@ impl Http {
         };
         self.fwd = Forward::UriMiss;
         self.result = CacheResult::Miss;
-        match lookup::lookup(&mut state.store, &lookup.key, &lookup.headers, now) {
+        match lookup::lookup(&mut state.store, &lookup.key, &lookup.headers) {
             Found::Miss => {}
             Found::VaryMiss { names } => {
                 self.fwd = Forward::VaryMiss;
@@ -677,7 +677,7 @@ impl Http {
         let ctx = self.store_context(state, l, now);
         let s = policy::storable(old.meta.status, &merged, &ctx).ok()?;
         let value =
-            lookup::replace_meta(&mut state.store, &l.key, hit, &s.meta, &s.headers, now).ok()?;
+            lookup::replace_meta(&mut state.store, &l.key, hit, &s.meta, &s.headers).ok()?;
         state.metrics.add(state.metrics.stores, 1);
         state.publish_usage();
         self.stored = true;
@@ -756,7 +756,6 @@ impl Http {
             names,
             &c.storable,
             &c.body,
-            now_ms(),
         );
         match res {
             Ok(out) => {

@@ -136,7 +136,7 @@ impl Root {
                 s.pending.remove(k);
                 continue;
             };
-            let stored = match lookup::lookup(&mut s.store, &p.key, &first.headers, now) {
+            let stored = match lookup::lookup(&mut s.store, &p.key, &first.headers) {
                 Found::Response(hit) => matches!(
                     entry::decode(&hit.value),
                     Ok(EntryView::Response(r))
@@ -240,8 +240,7 @@ impl Root {
             heuristic_max_secs: c.heuristic_max_secs,
         };
         let stored = if status == 304 {
-            let Found::Response(hit) =
-                lookup::lookup(&mut state.store, &job.key, &job.request, now)
+            let Found::Response(hit) = lookup::lookup(&mut state.store, &job.key, &job.request)
             else {
                 return;
             };
@@ -260,8 +259,7 @@ impl Root {
             let Ok(s) = policy::storable(old.meta.status, &merged, &ctx) else {
                 return;
             };
-            lookup::replace_meta(&mut state.store, &job.key, &hit, &s.meta, &s.headers, now)
-                .map(|_| ())
+            lookup::replace_meta(&mut state.store, &job.key, &hit, &s.meta, &s.headers).map(|_| ())
         } else {
             let Ok(s) = policy::storable(status, &headers, &ctx) else {
                 return;
@@ -276,20 +274,13 @@ impl Root {
                 return;
             }
             let names = job.names.as_deref();
-            lookup::insert_response(
-                &mut state.store,
-                &job.key,
-                &job.request,
-                names,
-                &s,
-                &body,
-                now,
+            lookup::insert_response(&mut state.store, &job.key, &job.request, names, &s, &body).map(
+                |out| {
+                    state
+                        .metrics
+                        .add(state.metrics.evictions, u64::from(out.evicted))
+                },
             )
-            .map(|out| {
-                state
-                    .metrics
-                    .add(state.metrics.evictions, u64::from(out.evicted))
-            })
         };
         match stored {
             Ok(()) => {
@@ -402,7 +393,9 @@ impl RootContext for Root {
             max_entries: config.cache.max_entries,
             max_total_bytes: config.cache.max_total_bytes,
             max_entry_bytes: config.cache.max_entry_bytes,
-            max_variants: config.cache.max_variants,
+            // More variants than slots cannot be stored anyway.
+            max_variants: config.cache.max_variants.min(config.cache.max_entries),
+            policy: config.cache.eviction,
         };
         let mut store = Store::new(HostShared, NAMESPACE, limits);
         if let Err(e) = store.init() {
@@ -516,7 +509,7 @@ pub fn answer_waiters(state: &mut State, p: Pending, now: u64) {
 }
 
 fn serve_waiter(state: &mut State, p: &Pending, w: &Waiter, now: u64) -> bool {
-    let Found::Response(hit) = lookup::lookup(&mut state.store, &p.key, &w.headers, now) else {
+    let Found::Response(hit) = lookup::lookup(&mut state.store, &p.key, &w.headers) else {
         return false;
     };
     let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {

@@ -1,0 +1,588 @@
+//! The store's index and its eviction policies.
+//!
+//! The index lives in one shared-data value: per slot a 32-byte record, two intrusive queues
+//! threaded through the records, and a ring of "ghost" key hashes. Two policies run on it:
+//!
+//! - [`Policy::Lru`]: one queue; an access moves the entry to the head; the tail goes.
+//! - [`Policy::S3Fifo`] (Yang et al., SOSP '23): new entries enter a small FIFO queue (10 %
+//!   of the bytes); at its tail, an entry accessed since it came in moves to the main queue,
+//!   an entry that was not is evicted and its hash remembered in the ghost ring. A miss on
+//!   a ghost hash enters the main queue directly. The main queue is a FIFO with reinsertion
+//!   (a 2-bit access counter). One-hit wonders leave quickly; entries that are reused stay,
+//!   which keeps more hits than LRU on skewed traffic (`benches/eviction.rs`).
+//!
+//! Accesses only bump a counter (S3-FIFO) or relink (LRU) when the index is next written:
+//! the store buffers them, so a hit never writes shared data.
+
+use hashbrown::HashSet;
+use serde::Deserialize;
+
+/// Which entry goes when a limit is reached; the `cache.eviction` config value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Least recently used.
+    Lru,
+    /// S3-FIFO: small and main FIFO queues with a ghost queue.
+    #[default]
+    S3Fifo,
+}
+
+impl Policy {
+    /// Config value and log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Lru => "lru",
+            Policy::S3Fifo => "s3fifo",
+        }
+    }
+}
+
+/// What a slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Kind {
+    /// Nothing.
+    #[default]
+    Free = 0,
+    /// A response under its primary key.
+    Response = 1,
+    /// A Vary marker under its primary key.
+    Vary = 2,
+    /// A response under its secondary (Vary) key.
+    Variant = 3,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Kind {
+        match b {
+            1 => Kind::Response,
+            2 => Kind::Vary,
+            3 => Kind::Variant,
+            _ => Kind::Free,
+        }
+    }
+}
+
+/// End of a queue.
+const NIL: u32 = u32::MAX;
+/// The small queue (S3-FIFO) and the only queue (LRU).
+const SMALL: usize = 0;
+/// The main queue (S3-FIFO).
+const MAIN: usize = 1;
+/// Largest access counter (2 bits, as in the paper).
+const MAX_FREQ: u8 = 3;
+/// Share of the bytes the small queue aims for.
+const SMALL_SHARE: f64 = 0.10;
+
+/// One slot's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Record {
+    /// Hash of the key the entry is found under.
+    pub hash: u64,
+    /// Low 32 bits of the primary key's hash: ties variants to their URI.
+    pub primary: u32,
+    /// Bytes of the stored value.
+    pub size: u32,
+    /// Stamped into the stored value; tells a slot's successive owners apart.
+    pub generation: u32,
+    prev: u32,
+    next: u32,
+    /// What the slot holds.
+    pub kind: Kind,
+    queue: u8,
+    freq: u8,
+}
+
+const FREE: Record = Record {
+    hash: 0,
+    primary: 0,
+    size: 0,
+    generation: 0,
+    prev: NIL,
+    next: NIL,
+    kind: Kind::Free,
+    queue: 0,
+    freq: 0,
+};
+
+const MAGIC: &[u8; 4] = b"EFi2";
+const HEADER_BYTES: usize = 40;
+/// Bytes per slot in the index: the record.
+pub const RECORD_BYTES: usize = 32;
+/// Bytes per slot in the index: the ghost ring (one hash per slot).
+pub const GHOST_BYTES: usize = 8;
+
+/// Entries and bytes in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Occupied slots.
+    pub entries: u32,
+    /// Bytes of their values.
+    pub bytes: u64,
+}
+
+/// The decoded index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    next_generation: u32,
+    records: Vec<Record>,
+    head: [u32; 2],
+    tail: [u32; 2],
+    ghost: Vec<u64>,
+    ghost_next: u32,
+    ghost_set: HashSet<u64>,
+    usage: Usage,
+    queue_bytes: [u64; 2],
+    queue_len: [u32; 2],
+}
+
+impl Index {
+    /// An index of `slots` free slots.
+    pub fn empty(slots: u32) -> Index {
+        Index {
+            next_generation: 1,
+            records: vec![FREE; slots as usize],
+            head: [NIL; 2],
+            tail: [NIL; 2],
+            ghost: vec![0; slots as usize],
+            ghost_next: 0,
+            ghost_set: HashSet::new(),
+            usage: Usage::default(),
+            queue_bytes: [0; 2],
+            queue_len: [0; 2],
+        }
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Entries and bytes in use.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// The record of `slot`.
+    pub fn record(&self, slot: u32) -> Option<&Record> {
+        self.records.get(slot as usize)
+    }
+
+    /// Occupied slots and their records.
+    pub fn occupied(&self) -> impl Iterator<Item = (u32, &Record)> {
+        self.records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.kind != Kind::Free)
+            .map(|(s, r)| (s as u32, r))
+    }
+
+    /// The slot holding `hash`, by a scan (the store keeps a map for lookups).
+    pub fn find(&self, hash: u64) -> Option<u32> {
+        self.occupied()
+            .find(|(_, r)| r.hash == hash)
+            .map(|(s, _)| s)
+    }
+
+    /// A free slot not in `exclude`, preferring those in `prefer` (just freed: their values
+    /// will be overwritten anyway).
+    pub fn free_slot(&self, exclude: &[u32], prefer: &[u32]) -> Option<u32> {
+        let ok = |s: &u32| self.records[*s as usize].kind == Kind::Free && !exclude.contains(s);
+        prefer
+            .iter()
+            .copied()
+            .find(ok)
+            .or_else(|| (0..self.records.len() as u32).find(ok))
+    }
+
+    /// Records an access to `slot` if it still holds `generation`.
+    pub fn touch(&mut self, slot: u32, generation: u32, policy: Policy) {
+        let Some(r) = self.records.get_mut(slot as usize) else {
+            return;
+        };
+        if r.kind == Kind::Free || r.generation != generation {
+            return;
+        }
+        match policy {
+            Policy::S3Fifo => r.freq = (r.freq + 1).min(MAX_FREQ),
+            Policy::Lru => {
+                let q = r.queue as usize;
+                self.unlink(slot);
+                self.push_head(q, slot);
+            }
+        }
+    }
+
+    /// Puts an entry into free `slot` and returns the generation stamped on it.
+    pub fn place(
+        &mut self,
+        slot: u32,
+        hash: u64,
+        primary: u32,
+        size: u32,
+        kind: Kind,
+        policy: Policy,
+    ) -> u32 {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        // S3-FIFO: a key evicted recently from the small queue was reused: straight to main.
+        let queue = match policy {
+            Policy::S3Fifo if self.ghost_set.contains(&hash) => MAIN,
+            _ => SMALL,
+        };
+        self.records[slot as usize] = Record {
+            hash,
+            primary,
+            size,
+            generation,
+            kind,
+            ..FREE
+        };
+        self.usage.entries += 1;
+        self.usage.bytes += u64::from(size);
+        self.push_head(queue, slot);
+        generation
+    }
+
+    /// Frees `slot`.
+    pub fn remove(&mut self, slot: u32) {
+        let Some(r) = self.records.get(slot as usize).copied() else {
+            return;
+        };
+        if r.kind == Kind::Free {
+            return;
+        }
+        self.unlink(slot);
+        self.usage.entries -= 1;
+        self.usage.bytes -= u64::from(r.size);
+        self.records[slot as usize] = FREE;
+    }
+
+    /// The slot to evict next, applying the policy's promotions on the way; `None` when
+    /// nothing is stored. `total_bytes` is the byte limit (it sizes the small queue).
+    pub fn victim(&mut self, policy: Policy, total_bytes: u64) -> Option<u32> {
+        if self.usage.entries == 0 {
+            return None;
+        }
+        if policy == Policy::Lru {
+            return self.tail_of(SMALL).or_else(|| self.tail_of(MAIN));
+        }
+        // The small queue's share counts in bytes and in entries: whichever limit binds.
+        let small_bytes = (total_bytes as f64 * SMALL_SHARE) as u64;
+        let small_len = ((self.records.len() as f64 * SMALL_SHARE) as u32).max(1);
+        // Every step either evicts or moves an entry while lowering its counter, so this ends
+        // within a few passes over the entries; the bound guards against a corrupt index.
+        for _ in 0..(4 * self.records.len() + 4) {
+            let from_small = self.queue_bytes[SMALL] > small_bytes
+                || self.queue_len[SMALL] > small_len
+                || self.head[MAIN] == NIL;
+            if from_small {
+                let t = self.tail_of(SMALL)?;
+                if self.records[t as usize].freq > 0 {
+                    // Reused while in the small queue: keep it, in the main queue.
+                    self.unlink(t);
+                    self.records[t as usize].freq = 0;
+                    self.push_head(MAIN, t);
+                    continue;
+                }
+                self.remember(self.records[t as usize].hash);
+                return Some(t);
+            }
+            let t = self.tail_of(MAIN)?;
+            let r = &mut self.records[t as usize];
+            if r.freq > 0 {
+                r.freq -= 1;
+                self.unlink(t);
+                self.push_head(MAIN, t);
+                continue;
+            }
+            return Some(t);
+        }
+        self.tail_of(SMALL).or_else(|| self.tail_of(MAIN))
+    }
+
+    /// The oldest-inserted variant of the URI whose primary hash is `primary`.
+    pub fn oldest_variant(&self, primary: u32) -> Option<u32> {
+        self.occupied()
+            .filter(|(_, r)| r.kind == Kind::Variant && r.primary == primary)
+            .min_by_key(|(_, r)| r.generation)
+            .map(|(s, _)| s)
+    }
+
+    fn tail_of(&self, q: usize) -> Option<u32> {
+        (self.tail[q] != NIL).then_some(self.tail[q])
+    }
+
+    fn remember(&mut self, hash: u64) {
+        if self.ghost.is_empty() {
+            return;
+        }
+        let i = self.ghost_next as usize % self.ghost.len();
+        let old = std::mem::replace(&mut self.ghost[i], hash);
+        if old != 0 {
+            self.ghost_set.remove(&old);
+        }
+        self.ghost_set.insert(hash);
+        self.ghost_next = ((i + 1) % self.ghost.len()) as u32;
+    }
+
+    fn push_head(&mut self, q: usize, slot: u32) {
+        let old = self.head[q];
+        {
+            let r = &mut self.records[slot as usize];
+            r.queue = q as u8;
+            r.prev = NIL;
+            r.next = old;
+        }
+        if old != NIL {
+            self.records[old as usize].prev = slot;
+        } else {
+            self.tail[q] = slot;
+        }
+        self.head[q] = slot;
+        self.queue_bytes[q] += u64::from(self.records[slot as usize].size);
+        self.queue_len[q] += 1;
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let r = self.records[slot as usize];
+        let q = r.queue as usize;
+        match r.prev {
+            NIL => self.head[q] = r.next,
+            p => self.records[p as usize].next = r.next,
+        }
+        match r.next {
+            NIL => self.tail[q] = r.prev,
+            n => self.records[n as usize].prev = r.prev,
+        }
+        let r = &mut self.records[slot as usize];
+        r.prev = NIL;
+        r.next = NIL;
+        self.queue_bytes[q] -= u64::from(r.size);
+        self.queue_len[q] -= 1;
+    }
+
+    /// Reads an index; `None` when the bytes are not a consistent index (the store then
+    /// starts afresh rather than trusting corrupt links).
+    pub fn decode(b: &[u8]) -> Option<Index> {
+        if b.len() < HEADER_BYTES || &b[..4] != MAGIC {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let slots = u32_at(4) as usize;
+        if b.len() != HEADER_BYTES + slots * (RECORD_BYTES + GHOST_BYTES) {
+            return None;
+        }
+        let mut index = Index::empty(slots as u32);
+        index.next_generation = u32_at(8);
+        index.head = [u32_at(12), u32_at(16)];
+        index.tail = [u32_at(20), u32_at(24)];
+        index.ghost_next = u32_at(28);
+        let records_end = HEADER_BYTES + slots * RECORD_BYTES;
+        for (i, r) in b[HEADER_BYTES..records_end]
+            .chunks_exact(RECORD_BYTES)
+            .enumerate()
+        {
+            let w = |o: usize| u32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
+            let rec = Record {
+                hash: u64::from(w(0)) | u64::from(w(4)) << 32,
+                primary: w(8),
+                size: w(12),
+                generation: w(16),
+                prev: w(20),
+                next: w(24),
+                kind: Kind::from_u8(r[28]),
+                queue: r[29].min(1),
+                freq: r[30].min(MAX_FREQ),
+            };
+            if rec.kind != Kind::Free {
+                index.usage.entries += 1;
+                index.usage.bytes += u64::from(rec.size);
+                index.queue_bytes[rec.queue as usize] += u64::from(rec.size);
+                index.queue_len[rec.queue as usize] += 1;
+            }
+            index.records[i] = rec;
+        }
+        for (i, g) in b[records_end..].chunks_exact(GHOST_BYTES).enumerate() {
+            let h = u64::from_le_bytes(g.try_into().ok()?);
+            index.ghost[i] = h;
+            if h != 0 {
+                index.ghost_set.insert(h);
+            }
+        }
+        index.links_are_sound().then_some(index)
+    }
+
+    /// Every occupied record is on exactly the queue it names, and the queues hold nothing
+    /// else: walking them from head to tail visits each occupied slot once.
+    fn links_are_sound(&self) -> bool {
+        let mut seen = 0u32;
+        for q in [SMALL, MAIN] {
+            let mut prev = NIL;
+            let mut cur = self.head[q];
+            while cur != NIL {
+                let Some(r) = self.records.get(cur as usize) else {
+                    return false;
+                };
+                if r.kind == Kind::Free || r.queue as usize != q || r.prev != prev {
+                    return false;
+                }
+                seen += 1;
+                if seen > self.usage.entries {
+                    return false;
+                }
+                prev = cur;
+                cur = r.next;
+            }
+            if self.tail[q] != prev {
+                return false;
+            }
+        }
+        seen == self.usage.entries
+    }
+
+    /// Serialises the index.
+    pub fn encode(&self) -> Vec<u8> {
+        let slots = self.records.len();
+        let mut b = Vec::with_capacity(HEADER_BYTES + slots * (RECORD_BYTES + GHOST_BYTES));
+        b.extend_from_slice(MAGIC);
+        for v in [
+            slots as u32,
+            self.next_generation,
+            self.head[0],
+            self.head[1],
+            self.tail[0],
+            self.tail[1],
+            self.ghost_next,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.resize(HEADER_BYTES, 0);
+        for r in &self.records {
+            b.extend_from_slice(&r.hash.to_le_bytes());
+            for v in [r.primary, r.size, r.generation, r.prev, r.next] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.extend_from_slice(&[r.kind as u8, r.queue, r.freq, 0]);
+        }
+        for g in &self.ghost {
+            b.extend_from_slice(&g.to_le_bytes());
+        }
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(index: &mut Index, hashes: &[u64], policy: Policy) -> Vec<u32> {
+        hashes
+            .iter()
+            .map(|&h| {
+                let s = index.free_slot(&[], &[]).unwrap();
+                index.place(s, h, 0, 10, Kind::Response, policy);
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_keeps_queues_and_ghosts() {
+        let mut i = Index::empty(8);
+        let slots = fill(&mut i, &[1, 2, 3], Policy::S3Fifo);
+        i.touch(
+            slots[0],
+            i.record(slots[0]).unwrap().generation,
+            Policy::S3Fifo,
+        );
+        i.remember(99);
+        let back = Index::decode(&i.encode()).unwrap();
+        assert_eq!(back, i);
+        assert_eq!(
+            back.usage(),
+            Usage {
+                entries: 3,
+                bytes: 30
+            }
+        );
+        assert_eq!(
+            i.encode().len(),
+            HEADER_BYTES + 8 * (RECORD_BYTES + GHOST_BYTES)
+        );
+    }
+
+    #[test]
+    fn corrupt_links_are_refused() {
+        let mut i = Index::empty(4);
+        fill(&mut i, &[1, 2], Policy::Lru);
+        let mut b = i.encode();
+        // Point the first record's `next` at itself: a cycle.
+        let at = HEADER_BYTES + 24;
+        b[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(Index::decode(&b), None);
+        assert_eq!(Index::decode(&b[..10]), None);
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used() {
+        let mut i = Index::empty(3);
+        let s = fill(&mut i, &[1, 2, 3], Policy::Lru);
+        let g = i.record(s[0]).unwrap().generation;
+        i.touch(s[0], g, Policy::Lru);
+        assert_eq!(i.victim(Policy::Lru, 1000), Some(s[1]));
+    }
+
+    #[test]
+    fn s3fifo_evicts_one_hit_wonders_and_promotes_reused_entries() {
+        let mut i = Index::empty(4);
+        let s = fill(&mut i, &[1, 2, 3, 4], Policy::S3Fifo);
+        // Entry 1 was reused while in the small queue: it moves to main, 2 goes.
+        let g = i.record(s[0]).unwrap().generation;
+        i.touch(s[0], g, Policy::S3Fifo);
+        let v = i.victim(Policy::S3Fifo, 40).unwrap();
+        assert_eq!(v, s[1]);
+        i.remove(v);
+        // 2 is remembered: when it comes back it goes straight to the main queue.
+        let slot = i.free_slot(&[], &[]).unwrap();
+        i.place(slot, 2, 0, 10, Kind::Response, Policy::S3Fifo);
+        assert_eq!(i.record(slot).unwrap().queue as usize, MAIN);
+    }
+
+    #[test]
+    fn touches_of_a_reused_slot_are_ignored() {
+        let mut i = Index::empty(2);
+        let s = fill(&mut i, &[1], Policy::S3Fifo);
+        i.touch(s[0], 12345, Policy::S3Fifo);
+        assert_eq!(i.record(s[0]).unwrap().freq, 0);
+    }
+
+    #[test]
+    fn remove_keeps_the_queues_consistent() {
+        let mut i = Index::empty(5);
+        let s = fill(&mut i, &[1, 2, 3, 4, 5], Policy::Lru);
+        i.remove(s[2]);
+        i.remove(s[0]);
+        assert!(i.links_are_sound());
+        assert_eq!(
+            i.usage(),
+            Usage {
+                entries: 3,
+                bytes: 30
+            }
+        );
+        assert_eq!(i.victim(Policy::Lru, 1000), Some(s[1]));
+    }
+
+    #[test]
+    fn oldest_variant_is_the_first_inserted() {
+        let mut i = Index::empty(4);
+        let a = i.free_slot(&[], &[]).unwrap();
+        i.place(a, 10, 7, 1, Kind::Variant, Policy::Lru);
+        let b = i.free_slot(&[], &[]).unwrap();
+        i.place(b, 11, 7, 1, Kind::Variant, Policy::Lru);
+        assert_eq!(i.oldest_variant(7), Some(a));
+        assert_eq!(i.oldest_variant(8), None);
+    }
+}
