@@ -363,21 +363,14 @@ impl Http {
         now: u64,
     ) {
         let lock = format!("{}{}", super::root::REFRESH_LOCK_PREFIX, hit.hash % 1024);
-        let timeout = state.config.cache.refresh_timeout_ms;
-        let (held, cas) = match hostcalls::get_shared_data(&lock) {
-            Ok((v, cas)) => (
-                v.and_then(|v| String::from_utf8(v).ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .is_some_and(|until| until > now),
-                cas,
-            ),
-            Err(_) => return,
+        let until = now + state.config.cache.refresh_timeout_ms;
+        let held = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|t| t > now)
         };
-        if held {
-            return;
-        }
-        let until = (now + timeout).to_string();
-        if hostcalls::set_shared_data(&lock, Some(until.as_bytes()), cas).is_err() {
+        if !root::try_lock(&lock, held, until.to_string().as_bytes()) {
             return;
         }
         let cluster = self

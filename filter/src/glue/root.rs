@@ -558,20 +558,34 @@ fn parse_flight(v: &[u8]) -> Option<(u64, u64)> {
 
 /// Marks `hash` as being fetched until `until`; false when another request holds it.
 pub fn flight_acquire(hash: u64, now: u64, until: u64) -> bool {
-    let key = flight_key(hash);
-    let (held, cas) = match proxy_wasm::hostcalls::get_shared_data(&key) {
-        Ok((v, cas)) => (
-            v.and_then(|v| parse_flight(&v))
-                .is_some_and(|(u, h)| h == hash && u > now),
-            cas,
-        ),
-        Err(_) => return false,
-    };
-    if held {
-        return false;
+    let held = |v: &[u8]| parse_flight(v).is_some_and(|(u, h)| h == hash && u > now);
+    try_lock(
+        &flight_key(hash),
+        held,
+        format!("{until}:{hash}").as_bytes(),
+    )
+}
+
+/// Takes a lock in shared data: writes `value` at `key` unless `held` says the current
+/// value is a live lock. A missing key is created first, because Envoy checks a CAS only on
+/// keys that exist: without that, two workers could both take a new lock.
+pub fn try_lock(key: &str, held: impl Fn(&[u8]) -> bool, value: &[u8]) -> bool {
+    use proxy_wasm::hostcalls::{get_shared_data, set_shared_data};
+    for _ in 0..2 {
+        match get_shared_data(key) {
+            Ok((v, Some(cas))) => {
+                if held(v.as_deref().unwrap_or_default()) {
+                    return false;
+                }
+                return set_shared_data(key, Some(value), Some(cas)).is_ok();
+            }
+            Ok((_, None)) => {
+                let _ = set_shared_data(key, Some(b"0"), None);
+            }
+            Err(_) => return false,
+        }
     }
-    let value = format!("{until}:{hash}");
-    proxy_wasm::hostcalls::set_shared_data(&key, Some(value.as_bytes()), cas).is_ok()
+    false
 }
 
 /// Clears the marker of `hash` if it is still ours.
