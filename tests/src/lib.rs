@@ -5,19 +5,22 @@
 //! the test controls ([`Upstream`]). Everything listens on 127.0.0.1 only, every wait is
 //! bounded, and every process and thread is stopped when its handle is dropped.
 //!
-//! std only: the HTTP/1.1 client and server ([`http`]), the JSON reader ([`json`]) and the
-//! Prometheus text parser ([`prometheus`]) are small and live here.
+//! The HTTP/1.1 client and server ([`http`]) and the Prometheus text parser
+//! ([`prometheus`]) are small, std only, and live here; JSON is `serde_json`. A real
+//! Prometheus server for the monitoring tests is [`PrometheusServer`].
+
+#![deny(missing_docs)]
 
 pub mod envoy;
 pub mod http;
-pub mod json;
 pub mod prometheus;
+pub mod prometheus_server;
 pub mod upstream;
 
 pub use envoy::{Envoy, FailedStart};
 pub use http::{Headers, Response};
-pub use json::Json;
 pub use prometheus::Exposition;
+pub use prometheus_server::PrometheusServer;
 pub use upstream::{BodyMode, RecordedRequest, Reply, Upstream};
 
 use std::time::{Duration, Instant};

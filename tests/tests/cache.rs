@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use edge_filter_e2e::{poll, BodyMode, CacheStatus, Envoy, Json, Reply, Response, Upstream};
+use edge_filter_e2e::{poll, BodyMode, CacheStatus, Envoy, Reply, Response, Upstream};
+use serde_json::Value;
 
 /// The filter's name in Cache-Status.
 const CACHE: &str = "edge-filter";
@@ -95,18 +96,20 @@ fn miss_then_hit_serves_the_stored_response() {
     // The shipped JSON access log records each request with its Cache-Status
     // (Envoy flushes it about once a second).
     let statuses = poll(Duration::from_secs(5), Duration::from_millis(200), || {
-        let lines: Vec<Json> = envoy
+        let lines: Vec<Value> = envoy
             .access_log()
             .lines()
-            .map(|l| Json::parse(l).unwrap_or_else(|e| panic!("{e}: access log line {l:?}")))
-            .filter(|j| j.get("path").and_then(Json::as_str) == Some("/page"))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: access log line {l:?}"))
+            })
+            .filter(|j: &Value| j.get("path").and_then(Value::as_str) == Some("/page"))
             .collect();
         (lines.len() == 3).then_some(lines)
     })
     .expect("three /page lines in the access log");
     let cache_statuses: Vec<&str> = statuses
         .iter()
-        .map(|j| j.get("cache_status").and_then(Json::as_str).unwrap_or(""))
+        .map(|j| j.get("cache_status").and_then(Value::as_str).unwrap_or(""))
         .collect();
     assert_eq!(
         cache_statuses[0],
