@@ -1,9 +1,10 @@
 //! Finding and filling entries: the primary key, the Vary marker and the variant, as one
 //! host-independent step each, so the glue and the tests share them.
 
-use super::entry::{self, EntryView, ResponseMeta};
+use super::conditional;
+use super::entry::{self, EntryView};
 use super::key::{hash64, CacheKey};
-use super::policy::{self, Headers, Storable};
+use super::policy::{self, Headers, Storable, StoreContext};
 use super::store::{Insert, InsertOutcome, Kind, SharedData, Store, StoreError};
 use super::vary::{self, Vary};
 
@@ -126,19 +127,39 @@ pub fn insert_response<S: SharedData>(
     }
 }
 
-/// Rewrites a stored response with freshened headers and metadata (RFC 9111 §4.3.4), under
-/// the same hash, and returns the new value.
-pub fn replace_meta<S: SharedData>(
+/// RFC 9111 §4.3.4: a 304 that selects the stored response `hit` freshens it: its fields
+/// are updated from the 304 (§3.2, all but `Content-Length`), its age and lifetime are
+/// recomputed from the 304's `Date` and `Age` (§4.2.3), and the body stays. Returns the new
+/// value, or `None` when the 304 does not select it or the result may not be stored.
+pub fn freshen<S: SharedData>(
     store: &mut Store<S>,
     key: &CacheKey,
     hit: &Hit,
-    meta: &ResponseMeta,
-    headers: &[(String, String)],
-) -> Result<Vec<u8>, StoreError> {
+    not_modified: &Headers,
+    ctx: &StoreContext<'_>,
+) -> Option<Vec<u8>> {
     let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
-        return Err(StoreError::TooLarge);
+        return None;
     };
-    let value = entry::encode_response(0, key.as_str(), &hit.secondary, meta, headers, old.body);
+    if !conditional::selects(not_modified, &old.headers) {
+        return None;
+    }
+    let mut merged = policy::freshen(&old.headers, not_modified);
+    // The 304's Age counts towards the freshened response's age.
+    merged.extend(
+        policy::values(not_modified, "age")
+            .into_iter()
+            .map(|a| ("age".to_string(), a.to_string())),
+    );
+    let s = policy::storable(old.meta.status, &merged, ctx).ok()?;
+    let value = entry::encode_response(
+        0,
+        key.as_str(),
+        &hit.secondary,
+        &s.meta,
+        &s.headers,
+        old.body,
+    );
     let kind = if hit.secondary.is_empty() {
         Kind::Response
     } else {
@@ -148,10 +169,11 @@ pub fn replace_meta<S: SharedData>(
         hash: hit.hash,
         primary: key.hash64(),
         kind,
-        value: value.clone(),
+        value,
     };
-    store.insert(vec![item], false)?;
-    Ok(value)
+    store.insert(vec![item], false).ok()?;
+    // Read back: the store stamped the generation into its copy.
+    store.get(hit.hash, key.as_str())
 }
 
 #[cfg(test)]
@@ -249,30 +271,49 @@ mod tests {
     }
 
     #[test]
-    fn replace_meta_keeps_the_body() {
+    fn a_selecting_304_freshens_headers_and_keeps_the_body() {
+        // RFC 9111 §4.3.4, §3.2
         let mem = MemoryShared::default();
         let mut s = store(&mem);
         let key = CacheKey::new("http", "h", "/r").unwrap();
-        let st = storable(&[("cache-control", "max-age=5")]);
+        let st = storable(&[
+            ("cache-control", "max-age=5"),
+            ("etag", "\"v1\""),
+            ("x", "old"),
+        ]);
         insert_response(&mut s, &key, &[], None, &st, b"same").unwrap();
         let Found::Response(hit) = lookup(&mut s, &key, &[]) else {
             panic!()
         };
-        let meta = ResponseMeta {
-            lifetime: 99,
-            ..st.meta
+        let req = RequestPolicy::default();
+        let ctx = StoreContext {
+            head: false,
+            request: &req,
+            statuses: &[200],
+            max_entry_bytes: 1 << 20,
+            request_time: 0,
+            response_time: 0,
+            heuristic_fraction: 0.1,
+            heuristic_max_secs: 86_400,
         };
-        replace_meta(&mut s, &key, &hit, &meta, &h(&[("x", "1")])).unwrap();
-        let Found::Response(hit) = lookup(&mut s, &key, &[]) else {
-            panic!()
-        };
-        let Ok(EntryView::Response(r)) = entry::decode(&hit.value) else {
-            panic!()
-        };
+        let other = h(&[("etag", "\"v2\"")]);
         assert_eq!(
-            (r.body, r.meta.lifetime, r.headers),
-            (&b"same"[..], 99, vec![("x", "1")])
+            freshen(&mut s, &key, &hit, &other, &ctx),
+            None,
+            "does not select"
         );
+        let nm = h(&[
+            ("etag", "\"v1\""),
+            ("cache-control", "max-age=99"),
+            ("x", "new"),
+        ]);
+        let value = freshen(&mut s, &key, &hit, &nm, &ctx).unwrap();
+        let Ok(EntryView::Response(r)) = entry::decode(&value) else {
+            panic!()
+        };
+        assert_eq!((r.body, r.meta.lifetime), (&b"same"[..], 99));
+        assert!(r.headers.contains(&("x", "new")) && !r.headers.contains(&("x", "old")));
+        assert_eq!(body_of(&lookup(&mut s, &key, &[])), b"same");
         assert_eq!(s.usage().entries, 1);
     }
 }

@@ -13,6 +13,7 @@ use crate::cache::policy::{
     self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
 use crate::cache::status::{self, CacheStatus};
+use crate::config::CacheConfig;
 use crate::health::{self, Probe, UpstreamCheck};
 use crate::metrics::CacheResult;
 use log::debug;
@@ -569,8 +570,7 @@ impl Http {
         Action::Continue
     }
 
-    fn store_context<'a>(&self, state: &'a State, l: &'a Lookup, now: u64) -> StoreContext<'a> {
-        let c = &state.config.cache;
+    fn store_context<'a>(c: &'a CacheConfig, l: &'a Lookup, now: u64) -> StoreContext<'a> {
         StoreContext {
             head: l.head,
             request: &l.policy,
@@ -625,7 +625,7 @@ impl Http {
                 }
             }
         }
-        let ctx = self.store_context(state, l, now);
+        let ctx = Self::store_context(&state.config.cache, l, now);
         match policy::storable(status, headers, &ctx) {
             Ok(s) => {
                 let declared = policy::content_length(headers);
@@ -654,23 +654,8 @@ impl Http {
         not_modified: &[(String, String)],
         now: u64,
     ) -> Option<Action> {
-        let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
-            return None;
-        };
-        if !conditional::selects(not_modified, &old.headers) {
-            return None;
-        }
-        let mut merged = policy::freshen(&old.headers, not_modified);
-        // The 304's Age counts towards the freshened response's age (§4.2.3).
-        merged.extend(
-            policy::values(not_modified, "age")
-                .into_iter()
-                .map(|a| ("age".to_string(), a.to_string())),
-        );
-        let ctx = self.store_context(state, l, now);
-        let s = policy::storable(old.meta.status, &merged, &ctx).ok()?;
-        let value =
-            lookup::replace_meta(&mut state.store, &l.key, hit, &s.meta, &s.headers).ok()?;
+        let ctx = Self::store_context(&state.config.cache, l, now);
+        let value = lookup::freshen(&mut state.store, &l.key, hit, not_modified, &ctx)?;
         state.metrics.add(state.metrics.stores, 1);
         state.publish_usage();
         self.stored = true;

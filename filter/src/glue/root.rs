@@ -244,22 +244,9 @@ impl Root {
             else {
                 return;
             };
-            let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
-                return;
-            };
-            if !conditional::selects(&headers, &old.headers) {
-                return;
-            }
-            let mut merged = policy::freshen(&old.headers, &headers);
-            merged.extend(
-                policy::values(&headers, "age")
-                    .into_iter()
-                    .map(|a| ("age".to_string(), a.to_string())),
-            );
-            let Ok(s) = policy::storable(old.meta.status, &merged, &ctx) else {
-                return;
-            };
-            lookup::replace_meta(&mut state.store, &job.key, &hit, &s.meta, &s.headers).map(|_| ())
+            lookup::freshen(&mut state.store, &job.key, &hit, &headers, &ctx)
+                .map(|_| ())
+                .ok_or(crate::cache::store::StoreError::Contention)
         } else {
             let Ok(s) = policy::storable(status, &headers, &ctx) else {
                 return;
