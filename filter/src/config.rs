@@ -36,6 +36,8 @@ pub struct CacheConfig {
     pub methods: Vec<String>,
     /// Adds the RFC 9211 `Cache-Status` header to responses.
     pub cache_status: bool,
+    /// Debugging: adds the cache key to `Cache-Status` (RFC 9211 §2.7 `key`).
+    pub cache_status_key: bool,
     /// Fraction of `Date - Last-Modified` used as heuristic freshness (RFC 9111 §4.2.2).
     pub heuristic_fraction: f64,
     /// Cap on heuristic freshness, seconds.
@@ -76,6 +78,7 @@ impl Default for CacheConfig {
             statuses: vec![200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501],
             methods: vec!["GET".into(), "HEAD".into()],
             cache_status: true,
+            cache_status_key: false,
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
             stale_if_error_grace_secs: 0,

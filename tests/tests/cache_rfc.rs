@@ -839,3 +839,34 @@ fn vary_with_star_is_never_stored() {
         assert_eq!(up.count("/vs"), n);
     }
 }
+
+/// RFC 9211 §2.7: the `key` parameter appears only when debugging is configured, as an
+/// sf-string naming the normalised cache key.
+#[test]
+fn cache_status_key_only_when_configured() {
+    let up = Upstream::origin(|req| match req.path.as_str() {
+        "/k/./a?x=1" | "/k/a?x=1" => Reply::text("keyed").header("Cache-Control", "max-age=60"),
+        _ => Reply::new(404),
+    });
+    let plain = Envoy::start(up.port(), "{}");
+    let r = plain.get("/k/a?x=1");
+    assert!(
+        !r.header("cache-status").unwrap_or("").contains("key="),
+        "no key by default: {:?}",
+        r.header("cache-status")
+    );
+    let debug = Envoy::start(up.port(), r#"{"cache":{"cache_status_key":true}}"#);
+    let miss = debug.get("/k/a?x=1");
+    let hit = debug.get("/k/a?x=1");
+    for r in [&miss, &hit] {
+        let cs = r.header("cache-status").unwrap_or("");
+        let key = CacheStatus::find(cs, "edge-filter")
+            .and_then(|m| m.param("key").map(str::to_string))
+            .unwrap_or_else(|| panic!("no key parameter in {cs:?}"));
+        assert!(
+            key.starts_with("\"http://") && key.ends_with("/k/a?x=1\""),
+            "key is the normalised URI as an sf-string: {key}"
+        );
+    }
+    assert!(cache_status(&hit).has("hit"));
+}

@@ -78,6 +78,27 @@ impl CacheStatus {
     }
 }
 
+/// Adds the RFC 9211 §2.7 `key` parameter, an sf-string (RFC 8941 §3.3.3): `"` and `\`
+/// are escaped, and bytes outside printable ASCII are percent-encoded so that any key can
+/// be carried. Meant for debugging: a key can reveal more than an operator wants to show.
+pub fn with_key(mut member: String, key: &str) -> String {
+    member.push_str("; key=\"");
+    for b in key.bytes() {
+        match b {
+            b'"' | b'\\' => {
+                member.push('\\');
+                member.push(b as char);
+            }
+            0x20..=0x7e => member.push(b as char),
+            _ => {
+                let _ = write!(member, "%{b:02X}");
+            }
+        }
+    }
+    member.push('"');
+    member
+}
+
 /// RFC 9211 §2: members are listed from the origin towards the user, so this cache's member
 /// goes after any the upstream sent.
 pub fn append(existing: &[&str], ours: &str) -> String {
@@ -162,6 +183,19 @@ mod tests {
         assert_eq!(
             s.render(),
             "edge-filter; fwd=uri-miss; fwd-status=200; ttl=60; collapsed"
+        );
+    }
+
+    #[test]
+    fn key_is_an_sf_string() {
+        // RFC 9211 §2.7, RFC 8941 §3.3.3
+        let m = with_key(
+            "edge-filter; hit; ttl=1".into(),
+            "http://h/a?q=\"x\"\\\u{e9}",
+        );
+        assert_eq!(
+            m,
+            r#"edge-filter; hit; ttl=1; key="http://h/a?q=\"x\"\\%C3%A9""#
         );
     }
 

@@ -197,7 +197,7 @@ impl Http {
         }
         // RFC 9111 §5.2.1.7: only-if-cached with nothing usable is a 504.
         if lookup.policy.cc.only_if_cached {
-            let cs = self.forward_status(None).render();
+            let cs = member(state, &self.forward_status(None), Some(&lookup.key));
             return self.reply(504, vec![("cache-status", &cs)], b"");
         }
         let action = self.coalesce(state, &lookup, now);
@@ -349,7 +349,8 @@ impl Http {
         not_modified: bool,
     ) -> Action {
         self.local_reply = true;
-        self.status = send_stored(state, lookup.head, r, age, &cs, not_modified);
+        let key = Some(&lookup.key);
+        self.status = send_stored(state, lookup.head, key, r, age, &cs, not_modified);
         Action::Pause
     }
 
@@ -555,7 +556,8 @@ impl Http {
             self.lookup = Some(l);
         }
         if state.config.cache.cache_status {
-            let ours = self.forward_status(Some(status)).render();
+            let key = self.lookup.as_ref().map(|l| &l.key);
+            let ours = member(state, &self.forward_status(Some(status)), key);
             let existing = policy::values(&headers, "cache-status");
             self.set_http_response_header("cache-status", Some(&status::append(&existing, &ours)));
         }
@@ -789,6 +791,7 @@ impl Drop for Http {
 pub fn send_stored(
     state: &State,
     head: bool,
+    key: Option<&CacheKey>,
     r: &ResponseView<'_>,
     age: u64,
     cs: &CacheStatus,
@@ -801,7 +804,7 @@ pub fn send_stored(
         r.headers.clone()
     };
     headers.push(("age", &age));
-    let cs = cs.render();
+    let cs = member(state, cs, key);
     if state.config.cache.cache_status {
         headers.push(("cache-status", &cs));
     }
@@ -818,6 +821,14 @@ pub fn send_stored(
     // The host refuses only when the stream is already gone: nothing left to answer.
     let _ = hostcalls::send_http_response(status, headers, Some(body));
     status
+}
+
+/// This cache's `Cache-Status` member, with the key when debugging is configured.
+fn member(state: &State, cs: &CacheStatus, key: Option<&CacheKey>) -> String {
+    match key {
+        Some(k) if state.config.cache.cache_status_key => status::with_key(cs.render(), k.as_str()),
+        _ => cs.render(),
+    }
 }
 
 /// Current age of a stored response (RFC 9111 §4.2.3).

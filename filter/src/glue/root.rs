@@ -519,7 +519,7 @@ fn serve_waiter(state: &mut State, p: &Pending, w: &Waiter, now: u64) -> bool {
         detail: None,
     };
     let not_modified = eval == conditional::Evaluation::NotModified;
-    super::http::send_stored(state, w.head, &r, age, &cs, not_modified);
+    super::http::send_stored(state, w.head, Some(&p.key), &r, age, &cs, not_modified);
     true
 }
 
