@@ -131,7 +131,9 @@ pub struct Index {
     tail: [u32; 2],
     ghost: Vec<u64>,
     ghost_next: u32,
-    ghost_set: HashSet<u64>,
+    /// Built on demand: the store checks one hash per insert, where a scan of the ring is
+    /// cheaper than hashing it; a long simulation builds it once.
+    ghost_set: Option<HashSet<u64>>,
     usage: Usage,
     queue_bytes: [u64; 2],
     queue_len: [u32; 2],
@@ -147,7 +149,7 @@ impl Index {
             tail: [NIL; 2],
             ghost: vec![0; slots as usize],
             ghost_next: 0,
-            ghost_set: HashSet::new(),
+            ghost_set: None,
             usage: Usage::default(),
             queue_bytes: [0; 2],
             queue_len: [0; 2],
@@ -228,7 +230,7 @@ impl Index {
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         // S3-FIFO: a key evicted recently from the small queue was reused: straight to main.
         let queue = match policy {
-            Policy::S3Fifo if self.ghost_set.contains(&hash) => MAIN,
+            Policy::S3Fifo if self.is_ghost(hash) => MAIN,
             _ => SMALL,
         };
         self.records[slot as usize] = Record {
@@ -310,6 +312,20 @@ impl Index {
             .map(|(s, _)| s)
     }
 
+    /// Keeps a hash set of the ghost ring from now on, for callers that insert many times
+    /// into one index (simulations); the store, which decodes the index per insert, does not.
+    pub fn index_ghosts(&mut self) {
+        let set = self.ghost.iter().copied().filter(|&h| h != 0).collect();
+        self.ghost_set = Some(set);
+    }
+
+    fn is_ghost(&self, hash: u64) -> bool {
+        match &self.ghost_set {
+            Some(set) => set.contains(&hash),
+            None => hash != 0 && self.ghost.contains(&hash),
+        }
+    }
+
     fn tail_of(&self, q: usize) -> Option<u32> {
         (self.tail[q] != NIL).then_some(self.tail[q])
     }
@@ -320,10 +336,12 @@ impl Index {
         }
         let i = self.ghost_next as usize % self.ghost.len();
         let old = std::mem::replace(&mut self.ghost[i], hash);
-        if old != 0 {
-            self.ghost_set.remove(&old);
+        if let Some(set) = &mut self.ghost_set {
+            if old != 0 {
+                set.remove(&old);
+            }
+            set.insert(hash);
         }
-        self.ghost_set.insert(hash);
         self.ghost_next = ((i + 1) % self.ghost.len()) as u32;
     }
 
@@ -361,6 +379,31 @@ impl Index {
         r.next = NIL;
         self.queue_bytes[q] -= u64::from(r.size);
         self.queue_len[q] -= 1;
+    }
+
+    /// The occupied slots' key hashes and the usage, read straight from encoded bytes: all a
+    /// lookup needs, without building the queues or checking their links.
+    pub fn scan(b: &[u8]) -> Option<(Vec<(u64, u32)>, Usage)> {
+        if b.len() < HEADER_BYTES || &b[..4] != MAGIC {
+            return None;
+        }
+        let slots = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+        if b.len() != HEADER_BYTES + slots * (RECORD_BYTES + GHOST_BYTES) {
+            return None;
+        }
+        let mut usage = Usage::default();
+        let mut found = Vec::new();
+        let records = &b[HEADER_BYTES..HEADER_BYTES + slots * RECORD_BYTES];
+        for (slot, r) in records.chunks_exact(RECORD_BYTES).enumerate() {
+            if Kind::from_u8(r[28]) == Kind::Free {
+                continue;
+            }
+            let hash = u64::from_le_bytes(r[0..8].try_into().ok()?);
+            usage.entries += 1;
+            usage.bytes += u64::from(u32::from_le_bytes(r[12..16].try_into().ok()?));
+            found.push((hash, slot as u32));
+        }
+        Some((found, usage))
     }
 
     /// Reads an index; `None` when the bytes are not a consistent index (the store then
@@ -407,9 +450,6 @@ impl Index {
         for (i, g) in b[records_end..].chunks_exact(GHOST_BYTES).enumerate() {
             let h = u64::from_le_bytes(g.try_into().ok()?);
             index.ghost[i] = h;
-            if h != 0 {
-                index.ghost_set.insert(h);
-            }
         }
         index.links_are_sound().then_some(index)
     }
@@ -500,6 +540,10 @@ mod tests {
         i.remember(99);
         let back = Index::decode(&i.encode()).unwrap();
         assert_eq!(back, i);
+        let (found, usage) = Index::scan(&i.encode()).unwrap();
+        assert_eq!(usage, i.usage());
+        let expected: Vec<(u64, u32)> = i.occupied().map(|(s, r)| (r.hash, s)).collect();
+        assert_eq!(found, expected);
         assert_eq!(
             back.usage(),
             Usage {

@@ -184,20 +184,20 @@ impl<S: SharedData> Store<S> {
         if self.map_cas == Some(cas) {
             return Ok(false);
         }
-        let index = Index::decode(&bytes).unwrap_or_else(|| Index::empty(0));
-        self.adopt(&index, Some(cas));
+        // Only the hashes are needed here: no queues, no link checks.
+        let (found, usage) = Index::scan(&bytes).unwrap_or_default();
+        self.map.clear();
+        self.map.extend(found);
+        self.map_cas = Some(cas);
+        self.usage = usage;
         Ok(true)
     }
 
-    /// Takes `index` as the local view; `cas` is its token when known (after our own write
-    /// it is not, and the next lookup that needs the index reads it again).
-    fn adopt(&mut self, index: &Index, cas: Option<u32>) {
-        self.map.clear();
-        for (slot, r) in index.occupied() {
-            self.map.insert(r.hash, slot);
-        }
-        self.map_cas = cas;
-        self.usage = index.usage();
+    /// After our own write of the index: its token, so the next lookup does not rebuild the
+    /// map from what we just wrote. If another worker wrote in between, its new entries are
+    /// missed until the index changes again: a miss, never a wrong answer.
+    fn learn_token(&mut self) {
+        self.map_cas = self.shared.get(&self.index_key).map(|(_, cas)| cas);
     }
 
     /// Usage as of this worker's last look at the index.
@@ -400,7 +400,13 @@ impl<S: SharedData> Store<S> {
             {
                 self.clear_slot(*slot);
             }
-            self.adopt(&index, None);
+            // Update the local map in place rather than rebuilding it from what we wrote.
+            self.map.retain(|_, s| !freed.contains(s));
+            for (item, &(slot, _)) in items.iter().zip(&placed) {
+                self.map.insert(item.hash, slot);
+            }
+            self.usage = index.usage();
+            self.learn_token();
             return Ok(InsertOutcome {
                 evicted,
                 usage: self.usage,
@@ -470,7 +476,9 @@ impl<S: SharedData> Store<S> {
             for &slot in &doomed {
                 self.clear_slot(slot);
             }
-            self.adopt(&index, None);
+            self.map.retain(|_, s| !doomed.contains(s));
+            self.usage = index.usage();
+            self.learn_token();
             return Ok(doomed.len() as u32);
         }
         Err(StoreError::Contention)
