@@ -344,7 +344,7 @@ impl<S: SharedData> Store<S> {
                 let Some(slot) = index.victim(policy, self.limits.max_total_bytes) else {
                     return Err(StoreError::TooLarge);
                 };
-                let victim = index.record(slot).copied();
+                let victim = index.record(slot);
                 index.remove(slot);
                 freed.push(slot);
                 evicted += 1;
