@@ -47,6 +47,7 @@ fn zipf_trace(alpha: f64, seed: u64) -> Vec<u64> {
 
 fn simulate(trace: &[u64], entries: u32, policy: Policy) -> f64 {
     let mut index = Index::empty(entries);
+    index.index_ghosts();
     let total_bytes = u64::from(entries) * u64::from(OBJECT_BYTES);
     let mut slots: HashMap<u64, u32> = HashMap::with_capacity(entries as usize);
     let mut hits = 0usize;

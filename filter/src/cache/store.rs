@@ -193,11 +193,32 @@ impl<S: SharedData> Store<S> {
         Ok(true)
     }
 
-    /// After our own write of the index: its token, so the next lookup does not rebuild the
-    /// map from what we just wrote. If another worker wrote in between, its new entries are
-    /// missed until the index changes again: a miss, never a wrong answer.
-    fn learn_token(&mut self) {
-        self.map_cas = self.shared.get(&self.index_key).map(|(_, cas)| cas);
+    /// Brings the local map and usage up to what we just wrote (`written`, replacing the
+    /// index whose token was `read_cas`). When the map was in sync with that index it is
+    /// patched in place (`freed` slots out, `placed` in), else rebuilt from `written`. Then
+    /// its token is learnt, so the next lookup does not rebuild it again, but only if the
+    /// index still holds exactly what we wrote: another worker may have written since.
+    fn after_write(
+        &mut self,
+        read_cas: u32,
+        written: &[u8],
+        freed: &[u32],
+        placed: &[(u64, u32)],
+        usage: Usage,
+    ) {
+        if self.map_cas.is_some() && self.map_cas == Some(read_cas) {
+            self.map.retain(|_, s| !freed.contains(s));
+            self.map.extend(placed.iter().copied());
+        } else {
+            let (found, _) = Index::scan(written).unwrap_or_default();
+            self.map.clear();
+            self.map.extend(found);
+        }
+        self.usage = usage;
+        self.map_cas = self
+            .shared
+            .get(&self.index_key)
+            .and_then(|(now, cas)| (now == written).then_some(cas));
     }
 
     /// Usage as of this worker's last look at the index.
@@ -378,7 +399,8 @@ impl<S: SharedData> Store<S> {
                 );
                 placed.push((slot, generation));
             }
-            match self.shared.set(&self.index_key, &index.encode(), cas) {
+            let encoded = index.encode();
+            match self.shared.set(&self.index_key, &encoded, cas) {
                 Ok(()) => {}
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Host) => return Err(StoreError::Host),
@@ -400,13 +422,12 @@ impl<S: SharedData> Store<S> {
             {
                 self.clear_slot(*slot);
             }
-            // Update the local map in place rather than rebuilding it from what we wrote.
-            self.map.retain(|_, s| !freed.contains(s));
-            for (item, &(slot, _)) in items.iter().zip(&placed) {
-                self.map.insert(item.hash, slot);
-            }
-            self.usage = index.usage();
-            self.learn_token();
+            let placed_hashes: Vec<(u64, u32)> = items
+                .iter()
+                .zip(&placed)
+                .map(|(i, &(s, _))| (i.hash, s))
+                .collect();
+            self.after_write(cas, &encoded, &freed, &placed_hashes, index.usage());
             return Ok(InsertOutcome {
                 evicted,
                 usage: self.usage,
@@ -468,7 +489,8 @@ impl<S: SharedData> Store<S> {
             for &slot in &doomed {
                 index.remove(slot);
             }
-            match self.shared.set(&self.index_key, &index.encode(), cas) {
+            let encoded = index.encode();
+            match self.shared.set(&self.index_key, &encoded, cas) {
                 Ok(()) => {}
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Host) => return Err(StoreError::Host),
@@ -476,9 +498,7 @@ impl<S: SharedData> Store<S> {
             for &slot in &doomed {
                 self.clear_slot(slot);
             }
-            self.map.retain(|_, s| !doomed.contains(s));
-            self.usage = index.usage();
-            self.learn_token();
+            self.after_write(cas, &encoded, &doomed, &[], index.usage());
             return Ok(doomed.len() as u32);
         }
         Err(StoreError::Contention)
@@ -896,6 +916,51 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out.usage.entries, 2, "the other worker's insert survived");
+    }
+
+    #[test]
+    fn another_workers_write_right_after_ours_is_not_missed() {
+        // Another worker writes the index between our write and our reading of its token:
+        // the token must not be taken as ours, or its entry would be missed for good.
+        struct Sneaky<'a> {
+            mem: &'a MemoryShared,
+            armed: std::cell::Cell<bool>,
+        }
+        impl SharedData for &Sneaky<'_> {
+            fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+                if key.ends_with("/idx") && self.armed.replace(false) {
+                    let mut other = Store::new(self.mem, "t", limits(8, 10_000));
+                    put(&mut other, "theirs", 10);
+                }
+                SharedData::get(&self.mem, key)
+            }
+            fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+                let r = SharedData::set(&self.mem, key, value, cas);
+                if key.ends_with("/idx") && r.is_ok() {
+                    self.armed.set(true);
+                }
+                r
+            }
+        }
+        let mem = MemoryShared::default();
+        Store::new(&mem, "t", limits(8, 10_000)).init().unwrap();
+        let sneaky = Sneaky {
+            mem: &mem,
+            armed: std::cell::Cell::new(false),
+        };
+        let mut s = Store::new(&sneaky, "t", limits(8, 10_000));
+        s.refresh().unwrap();
+        let h = crate::cache::key::hash64(b"mine");
+        let item = Insert {
+            hash: h,
+            primary: h,
+            kind: Kind::Response,
+            value: value("mine", 10),
+        };
+        s.insert(vec![item], true).unwrap();
+        let theirs = crate::cache::key::hash64(b"theirs");
+        assert!(s.get(theirs, "theirs").is_some(), "their entry is found");
+        assert!(s.get(h, "mine").is_some());
     }
 
     #[test]
