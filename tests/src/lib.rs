@@ -54,7 +54,20 @@ pub struct CacheStatus {
     pub params: Vec<(String, Option<String>)>,
 }
 
+/// The filter's name in `Cache-Status`.
+pub const CACHE: &str = "edge-filter";
+
 impl CacheStatus {
+    /// The filter's member of `r`'s `Cache-Status`; panics, showing the headers, when there
+    /// is none.
+    pub fn of(r: &Response) -> CacheStatus {
+        let value = r
+            .header("cache-status")
+            .unwrap_or_else(|| panic!("no Cache-Status header in {:?}", r.headers));
+        CacheStatus::find(value, CACHE)
+            .unwrap_or_else(|| panic!("no `{CACHE}` member in Cache-Status {value:?}"))
+    }
+
     /// Parses the member named `cache` out of a (possibly multi-member) Cache-Status value.
     pub fn find(header: &str, cache: &str) -> Option<CacheStatus> {
         header

@@ -6,24 +6,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use edge_filter_e2e::{poll, BodyMode, CacheStatus, Envoy, Reply, Response, Upstream};
+use edge_filter_e2e::{poll, BodyMode, CacheStatus, Envoy, Reply, Response, Upstream, CACHE};
 use serde_json::Value;
-
-/// The filter's name in Cache-Status.
-const CACHE: &str = "edge-filter";
-
-/// The filter's `Cache-Status` member; panics with the headers when there is none.
-fn cache_status(r: &Response) -> CacheStatus {
-    let value = r
-        .header("cache-status")
-        .unwrap_or_else(|| panic!("no Cache-Status header in {:?}", r.headers));
-    CacheStatus::find(value, CACHE)
-        .unwrap_or_else(|| panic!("no `{CACHE}` member in Cache-Status {value:?}"))
-}
 
 /// `ttl` of a hit, checking the exact `edge-filter; hit; ttl=<n>` shape.
 fn hit_ttl(r: &Response) -> u64 {
-    let cs = cache_status(r);
+    let cs = CacheStatus::of(r);
     let ttl: u64 = cs
         .param("ttl")
         .and_then(|t| t.parse().ok())
@@ -44,7 +32,7 @@ fn age(r: &Response) -> u64 {
 }
 
 fn assert_not_hit(r: &Response) {
-    let cs = cache_status(r);
+    let cs = CacheStatus::of(r);
     assert!(!cs.has("hit"), "unexpected hit: {cs:?}");
     assert!(
         cs.param("fwd").is_some(),
@@ -211,7 +199,7 @@ fn private_is_not_stored() {
     for n in 1..=2 {
         let r = envoy.get("/pv");
         assert_eq!(r.text(), "mine");
-        assert_eq!(cache_status(&r).param("detail"), Some("private"));
+        assert_eq!(CacheStatus::of(&r).param("detail"), Some("private"));
         assert_not_hit(&r);
         assert_eq!(up.count("/pv"), n);
     }
@@ -277,7 +265,7 @@ fn vary_star_is_never_served_from_cache() {
         let r = envoy.get("/vs");
         assert_eq!(r.text(), "anything");
         assert_not_hit(&r);
-        assert_eq!(cache_status(&r).param("detail"), Some("vary-star"));
+        assert_eq!(CacheStatus::of(&r).param("detail"), Some("vary-star"));
         assert_eq!(up.count("/vs"), n);
     }
 }
@@ -444,7 +432,7 @@ fn request_no_cache_goes_to_the_origin() {
 
     let r = envoy.get_with("/page", &[("Cache-Control", "no-cache")]);
     assert_eq!(r.text(), "page");
-    let cs = cache_status(&r);
+    let cs = CacheStatus::of(&r);
     assert_eq!(cs.param("fwd"), Some("request"), "{cs:?}");
     assert_eq!(cs.param("fwd-status"), Some("200"), "{cs:?}");
     assert_eq!(up.count("/page"), 2, "no-cache must reach the origin");
@@ -495,7 +483,7 @@ fn stale_entry_is_forwarded_and_replaced() {
     thread::sleep(Duration::from_millis(2200));
     let stale = envoy.get("/short");
     assert_eq!(stale.text(), "short-lived");
-    let cs = cache_status(&stale);
+    let cs = CacheStatus::of(&stale);
     assert_eq!(cs.param("fwd"), Some("stale"), "{cs:?}");
     assert_eq!(cs.param("fwd-status"), Some("200"), "{cs:?}");
     assert_eq!(up.count("/short"), 2, "a stale entry must not be served");

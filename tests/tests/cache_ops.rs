@@ -11,11 +11,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use edge_filter_e2e::{http, CacheStatus, Envoy, Reply, Response, Upstream};
+use edge_filter_e2e::{http, CacheStatus, Envoy, Reply, Response, Upstream, CACHE};
 use serde_json::Value;
-
-/// The filter's name in Cache-Status.
-const CACHE: &str = "edge-filter";
 
 /// Concurrent clients in the coalescing tests.
 const CLIENTS: usize = 12;
@@ -23,18 +20,9 @@ const CLIENTS: usize = 12;
 /// The purge token of the literal-token config.
 const TOKEN: &str = "s3cret";
 
-/// The filter's `Cache-Status` member; panics with the headers when there is none.
-fn cache_status(r: &Response) -> CacheStatus {
-    let value = r
-        .header("cache-status")
-        .unwrap_or_else(|| panic!("no Cache-Status header in {:?}", r.headers));
-    CacheStatus::find(value, CACHE)
-        .unwrap_or_else(|| panic!("no `{CACHE}` member in Cache-Status {value:?}"))
-}
-
 /// Asserts a fresh hit (`edge-filter; hit; ttl=<n>`).
 fn assert_hit(r: &Response, what: &str) {
-    let cs = cache_status(r);
+    let cs = CacheStatus::of(r);
     assert!(
         cs.has("hit") && cs.param("ttl").is_some() && !cs.has("fwd"),
         "{what}: expected a hit, got {:?}",
@@ -139,7 +127,7 @@ fn concurrent_misses_are_coalesced_into_one_upstream_request() {
     for (i, (r, _)) in results.iter().enumerate() {
         assert_eq!(r.status, 200, "client {i}");
         assert_eq!(r.text(), "response #0", "client {i}: the leader's body");
-        let cs = cache_status(r);
+        let cs = CacheStatus::of(r);
         if cs.has("collapsed") {
             assert_eq!(cs.param("fwd"), Some("uri-miss"), "client {i}: {cs:?}");
             assert!(!cs.has("stored"), "client {i}: {cs:?}");
@@ -176,7 +164,7 @@ fn waiters_of_an_unstorable_response_go_upstream_themselves() {
     let mut bodies = HashSet::new();
     for (i, (r, _)) in results.iter().enumerate() {
         assert_eq!(r.status, 200, "client {i}");
-        let cs = cache_status(r);
+        let cs = CacheStatus::of(r);
         assert!(
             !cs.has("collapsed"),
             "client {i} was served the leader's: {cs:?}"
@@ -210,7 +198,7 @@ fn coalescing_waits_are_bounded_by_the_timeout() {
     let mut leaders = 0;
     for (i, (r, took)) in results.iter().enumerate() {
         assert_eq!(r.status, 200, "client {i}");
-        let cs = cache_status(r);
+        let cs = CacheStatus::of(r);
         assert!(!cs.has("collapsed"), "client {i}: {cs:?}");
         if r.text() == "response #0" {
             leaders += 1;

@@ -9,10 +9,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use edge_filter_e2e::{poll, CacheStatus, Envoy, RecordedRequest, Reply, Response, Upstream};
-
-/// The filter's name in Cache-Status.
-const CACHE: &str = "edge-filter";
+use edge_filter_e2e::{
+    poll, CacheStatus, Envoy, RecordedRequest, Reply, Response, Upstream, CACHE,
+};
 
 /// Long enough for a `max-age=1` entry to be stale: the filter counts age in whole seconds,
 /// so one second after the response arrived its age is at least 1 and its ttl at most 0.
@@ -23,18 +22,9 @@ const LAST_MODIFIED: &str = "Sat, 01 Jan 2022 00:00:00 GMT";
 const DAY_BEFORE_LM: &str = "Fri, 31 Dec 2021 00:00:00 GMT";
 const DAY_AFTER_LM: &str = "Sun, 02 Jan 2022 00:00:00 GMT";
 
-/// The filter's `Cache-Status` member; panics with the headers when there is none.
-fn cache_status(r: &Response) -> CacheStatus {
-    let value = r
-        .header("cache-status")
-        .unwrap_or_else(|| panic!("no Cache-Status header in {:?}", r.headers));
-    CacheStatus::find(value, CACHE)
-        .unwrap_or_else(|| panic!("no `{CACHE}` member in Cache-Status {value:?}"))
-}
-
 /// The numeric `ttl` parameter of the filter's member.
 fn ttl(r: &Response) -> i64 {
-    let cs = cache_status(r);
+    let cs = CacheStatus::of(r);
     cs.param("ttl")
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("no numeric ttl in {cs:?}"))
@@ -53,7 +43,7 @@ fn hit_ttl(r: &Response) -> i64 {
 
 /// Asserts the `fwd` and `fwd-status` of a forwarded response.
 fn assert_forwarded(r: &Response, fwd: &str, status: u16) {
-    let cs = cache_status(r);
+    let cs = CacheStatus::of(r);
     assert!(!cs.has("hit"), "unexpected hit: {cs:?}");
     assert_eq!(cs.param("fwd"), Some(fwd), "{cs:?}");
     assert_eq!(
@@ -489,7 +479,7 @@ fn request_directives_control_reuse() {
     for directive in ["max-stale=60", "max-stale"] {
         let r = envoy.get_with("/ms", &[("Cache-Control", directive)]);
         assert_eq!(r.text(), "ms body");
-        let cs = cache_status(&r);
+        let cs = CacheStatus::of(&r);
         assert!(cs.has("hit"), "{directive}: {cs:?}");
         let t = ttl(&r);
         assert!(
@@ -533,7 +523,7 @@ fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     let assert_stale = |r: &Response| {
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), "version 1");
-        let cs = cache_status(r);
+        let cs = CacheStatus::of(r);
         assert!(cs.has("hit"), "{cs:?}");
         assert_eq!(cs.param("detail"), Some("stale-while-revalidate"), "{cs:?}");
         let t = ttl(r);
@@ -868,5 +858,5 @@ fn cache_status_key_only_when_configured() {
             "key is the normalised URI as an sf-string: {key}"
         );
     }
-    assert!(cache_status(&hit).has("hit"));
+    assert!(CacheStatus::of(&hit).has("hit"));
 }
