@@ -188,19 +188,22 @@ mod tests {
             .collect()
     }
 
-    fn storable(resp: &[(&str, &str)]) -> Storable {
-        let req = RequestPolicy::default();
-        let ctx = StoreContext {
+    fn ctx(req: &RequestPolicy) -> StoreContext<'_> {
+        StoreContext {
             head: false,
-            request: &req,
+            request: req,
             statuses: &[200],
             max_entry_bytes: 1 << 20,
             request_time: 0,
             response_time: 0,
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
-        };
-        policy::storable(200, &h(resp), &ctx).unwrap()
+        }
+    }
+
+    fn storable(resp: &[(&str, &str)]) -> Storable {
+        let req = RequestPolicy::default();
+        policy::storable(200, &h(resp), &ctx(&req)).unwrap()
     }
 
     fn store(mem: &MemoryShared) -> Store<&MemoryShared> {
@@ -286,16 +289,7 @@ mod tests {
             panic!()
         };
         let req = RequestPolicy::default();
-        let ctx = StoreContext {
-            head: false,
-            request: &req,
-            statuses: &[200],
-            max_entry_bytes: 1 << 20,
-            request_time: 0,
-            response_time: 0,
-            heuristic_fraction: 0.1,
-            heuristic_max_secs: 86_400,
-        };
+        let ctx = ctx(&req);
         let other = h(&[("etag", "\"v2\"")]);
         assert_eq!(
             freshen(&mut s, &key, &hit, &other, &ctx),
