@@ -1,0 +1,367 @@
+//! One Proxy-Wasm VM (a Wasmtime instance with its root context) and the callbacks an
+//! nginx request drives through it. Host calls are linked by the harness's ABI core.
+
+use crate::host::{HostState, LogSink};
+use proxy_wasm_harness::abi::{self, stream::LocalResponse, AbiVersion, LogLevel, Pairs};
+use wasmtime::{Engine, Instance, Linker, Module, Store, TypedFunc};
+
+/// Why a module could not be loaded or a VM could not be made or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The .wasm file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Wasmtime refused the module (not Wasm, or invalid).
+    #[error("invalid Wasm module {path}: {source:#}")]
+    Compile {
+        /// The file.
+        path: String,
+        /// Wasmtime's error.
+        source: wasmtime::Error,
+    },
+    /// The module exports no `proxy_abi_version_*`.
+    #[error("{0} is not a Proxy-Wasm module (no proxy_abi_version_* export)")]
+    UnknownAbi(String),
+    /// Linking or instantiation failed (a missing or mistyped import, say).
+    #[error("cannot instantiate: {0:#}")]
+    Instantiate(wasmtime::Error),
+    /// An export the host needs is missing or has the wrong type.
+    #[error("missing or mistyped export {0}")]
+    Export(&'static str),
+    /// The guest trapped.
+    #[error("filter trapped in {callback}: {message}")]
+    Trap {
+        /// The callback that trapped.
+        callback: &'static str,
+        /// Wasmtime's description, with the guest backtrace.
+        message: String,
+    },
+    /// `proxy_on_vm_start` returned false.
+    #[error("proxy_on_vm_start returned false")]
+    VmStartFailed,
+    /// `proxy_on_configure` returned false: the filter refused its configuration.
+    #[error("the filter refused its configuration (proxy_on_configure returned false)")]
+    ConfigureFailed,
+}
+
+/// A compiled Proxy-Wasm module, loaded under a name.
+#[derive(Clone)]
+pub struct Plugin {
+    /// The name `proxy_wasm` refers to it by (also its vm_id).
+    pub name: String,
+    /// The compiled code (cheap to clone).
+    pub module: Module,
+    /// The ABI version it declares.
+    pub abi: AbiVersion,
+}
+
+impl Plugin {
+    /// Reads and compiles `path` (done once, in the master, at configuration time).
+    pub fn load(engine: &Engine, name: &str, path: &str) -> Result<Plugin, VmError> {
+        let bytes = std::fs::read(path).map_err(|source| VmError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        let module = Module::new(engine, &bytes).map_err(|source| VmError::Compile {
+            path: path.to_string(),
+            source,
+        })?;
+        let abi = module
+            .exports()
+            .filter_map(|e| AbiVersion::from_export(e.name()))
+            .max()
+            .ok_or_else(|| VmError::UnknownAbi(path.to_string()))?;
+        Ok(Plugin {
+            name: name.to_string(),
+            module,
+            abi,
+        })
+    }
+}
+
+#[derive(Clone)]
+enum HeadersFn {
+    V1(TypedFunc<(i32, i32), i32>),
+    V2(TypedFunc<(i32, i32, i32), i32>),
+}
+
+struct Exports {
+    on_context_create: Option<TypedFunc<(i32, i32), ()>>,
+    on_request_headers: Option<HeadersFn>,
+    on_response_headers: Option<HeadersFn>,
+    on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_delete: Option<TypedFunc<i32, ()>>,
+}
+
+fn typed<P, R>(
+    instance: &Instance,
+    store: &mut Store<HostState>,
+    name: &'static str,
+) -> Result<Option<TypedFunc<P, R>>, VmError>
+where
+    P: wasmtime::WasmParams,
+    R: wasmtime::WasmResults,
+{
+    match instance.get_func(&mut *store, name) {
+        None => Ok(None),
+        Some(f) => f
+            .typed::<P, R>(&*store)
+            .map(Some)
+            .map_err(|_| VmError::Export(name)),
+    }
+}
+
+/// What a request-headers callback decided.
+pub struct HeadersOutcome {
+    /// The filter returned `Pause` (StopIteration) without a local response.
+    pub paused: bool,
+    /// A local response to send instead of going upstream.
+    pub local_response: Option<LocalResponse>,
+    /// The request headers, if the filter changed them.
+    pub changed_headers: Option<Pairs>,
+}
+
+/// One VM with its root context configured.
+pub struct PluginVm {
+    store: Store<HostState>,
+    exports: Exports,
+    next_context: u32,
+}
+
+impl PluginVm {
+    /// Instantiates `plugin`, runs `_initialize`, creates the root context and runs
+    /// `on_vm_start` and `on_configure` with `config`.
+    pub fn new(
+        engine: &Engine,
+        plugin: &Plugin,
+        config: &[u8],
+        log: LogSink,
+        log_level: LogLevel,
+    ) -> Result<PluginVm, VmError> {
+        let mut linker = Linker::new(engine);
+        abi::add_to_linker(&mut linker, plugin.abi).map_err(VmError::Instantiate)?;
+        let mut store = Store::new(engine, HostState::new(&plugin.name, log, log_level));
+        let instance = linker
+            .instantiate(&mut store, &plugin.module)
+            .map_err(VmError::Instantiate)?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or(VmError::Export("memory"))?;
+        let alloc = match typed::<i32, i32>(&instance, &mut store, "malloc")? {
+            Some(f) => f,
+            None => typed::<i32, i32>(&instance, &mut store, "proxy_on_memory_allocate")?
+                .ok_or(VmError::Export("proxy_on_memory_allocate"))?,
+        };
+        store.data_mut().abi_mut().bind(memory, alloc);
+        let on_request_headers = if plugin.abi == AbiVersion::V0_1_0 {
+            typed(&instance, &mut store, "proxy_on_request_headers")?.map(HeadersFn::V1)
+        } else {
+            typed(&instance, &mut store, "proxy_on_request_headers")?.map(HeadersFn::V2)
+        };
+        let on_response_headers = if plugin.abi == AbiVersion::V0_1_0 {
+            typed(&instance, &mut store, "proxy_on_response_headers")?.map(HeadersFn::V1)
+        } else {
+            typed(&instance, &mut store, "proxy_on_response_headers")?.map(HeadersFn::V2)
+        };
+        let exports = Exports {
+            on_context_create: typed(&instance, &mut store, "proxy_on_context_create")?,
+            on_request_headers,
+            on_response_headers,
+            on_response_body: typed(&instance, &mut store, "proxy_on_response_body")?,
+            on_log: typed(&instance, &mut store, "proxy_on_log")?,
+            on_done: typed(&instance, &mut store, "proxy_on_done")?,
+            on_delete: typed(&instance, &mut store, "proxy_on_delete")?,
+        };
+        let init = match typed::<(), ()>(&instance, &mut store, "_initialize")? {
+            Some(f) => Some(f),
+            None => typed::<(), ()>(&instance, &mut store, "_start")?,
+        };
+        let on_vm_start = typed::<(i32, i32), i32>(&instance, &mut store, "proxy_on_vm_start")?;
+        let on_configure = typed::<(i32, i32), i32>(&instance, &mut store, "proxy_on_configure")?;
+        let mut vm = PluginVm {
+            store,
+            exports,
+            next_context: 2,
+        };
+        if let Some(f) = init {
+            vm.call("_initialize", &f, ())?;
+        }
+        if let Some(f) = vm.exports.on_context_create.clone() {
+            vm.call("proxy_on_context_create", &f, (1, 0))?;
+        }
+        if let Some(f) = on_vm_start {
+            if vm.call("proxy_on_vm_start", &f, (1, 0))? == 0 {
+                return Err(VmError::VmStartFailed);
+            }
+        }
+        if let Some(f) = on_configure {
+            vm.store.data_mut().plugin_config = Some(config.to_vec());
+            let r = vm.call("proxy_on_configure", &f, (1, config.len() as i32));
+            vm.store.data_mut().plugin_config = None;
+            if r? == 0 {
+                return Err(VmError::ConfigureFailed);
+            }
+        }
+        Ok(vm)
+    }
+
+    fn call<P, R>(
+        &mut self,
+        callback: &'static str,
+        f: &TypedFunc<P, R>,
+        params: P,
+    ) -> Result<R, VmError>
+    where
+        P: wasmtime::WasmParams,
+        R: wasmtime::WasmResults,
+    {
+        f.call(&mut self.store, params).map_err(|e| VmError::Trap {
+            callback,
+            message: format!("{e:?}"),
+        })
+    }
+
+    /// Creates an HTTP stream context under the root context.
+    pub fn create_stream(&mut self) -> Result<u32, VmError> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(2);
+        let data = self.store.data_mut();
+        data.streams.insert(id);
+        data.effective = id;
+        if let Some(f) = self.exports.on_context_create.clone() {
+            self.call("proxy_on_context_create", &f, (id as i32, 1))?;
+        }
+        Ok(id)
+    }
+
+    /// Runs `on_request_headers` for stream `id` with `headers` (pseudo-headers first).
+    pub fn request_headers(
+        &mut self,
+        id: u32,
+        headers: Pairs,
+        end_of_stream: bool,
+    ) -> Result<HeadersOutcome, VmError> {
+        let n = headers.len() as i32;
+        {
+            let d = self.store.data_mut();
+            d.effective = id;
+            d.request_headers = Some(headers);
+            d.request_headers_dirty = false;
+            d.local_response = None;
+        }
+        let action = match self.exports.on_request_headers.clone() {
+            None => Ok(0),
+            Some(HeadersFn::V1(f)) => self.call("proxy_on_request_headers", &f, (id as i32, n)),
+            Some(HeadersFn::V2(f)) => self.call(
+                "proxy_on_request_headers",
+                &f,
+                (id as i32, n, i32::from(end_of_stream)),
+            ),
+        };
+        let d = self.store.data_mut();
+        let headers = d.request_headers.take();
+        let changed = std::mem::take(&mut d.request_headers_dirty);
+        let local_response = d.local_response.take();
+        let action = action?;
+        Ok(HeadersOutcome {
+            paused: action != 0 && local_response.is_none(),
+            local_response,
+            changed_headers: if changed { headers } else { None },
+        })
+    }
+
+    /// Runs `on_response_headers` for stream `id`; returns the headers if the filter
+    /// changed them. (Pausing the response is not supported yet: it continues.)
+    pub fn response_headers(
+        &mut self,
+        id: u32,
+        headers: Pairs,
+        end_of_stream: bool,
+    ) -> Result<Option<Pairs>, VmError> {
+        if !self.store.data().streams.contains(&id) {
+            return Ok(None);
+        }
+        let n = headers.len() as i32;
+        let original = headers.clone();
+        {
+            let d = self.store.data_mut();
+            d.effective = id;
+            d.response_headers = Some(headers);
+        }
+        let r = match self.exports.on_response_headers.clone() {
+            None => Ok(0),
+            Some(HeadersFn::V1(f)) => self.call("proxy_on_response_headers", &f, (id as i32, n)),
+            Some(HeadersFn::V2(f)) => self.call(
+                "proxy_on_response_headers",
+                &f,
+                (id as i32, n, i32::from(end_of_stream)),
+            ),
+        };
+        let headers = self.store.data_mut().response_headers.take();
+        r?;
+        Ok(headers.filter(|h| *h != original))
+    }
+
+    /// Runs `on_response_body` for stream `id` with one chunk (read-only for now: the
+    /// filter sees the upstream's bytes as they stream, for cache capture).
+    pub fn response_body(
+        &mut self,
+        id: u32,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> Result<(), VmError> {
+        if !self.store.data().streams.contains(&id) {
+            return Ok(());
+        }
+        let Some(f) = self.exports.on_response_body.clone() else {
+            return Ok(());
+        };
+        {
+            let d = self.store.data_mut();
+            d.effective = id;
+            d.body = Some((
+                proxy_wasm_harness::abi::BufferType::HttpResponseBody,
+                chunk.to_vec(),
+            ));
+        }
+        let r = self.call(
+            "proxy_on_response_body",
+            &f,
+            (id as i32, chunk.len() as i32, i32::from(end_of_stream)),
+        );
+        self.store.data_mut().body = None;
+        r.map(|_| ())
+    }
+
+    /// Ends stream `id`: `on_log`, `on_done`, `on_delete`.
+    pub fn finish(&mut self, id: u32) -> Result<(), VmError> {
+        if !self.store.data().streams.contains(&id) {
+            return Ok(());
+        }
+        self.store.data_mut().effective = id;
+        let r = (|| {
+            if let Some(f) = self.exports.on_log.clone() {
+                self.call("proxy_on_log", &f, id as i32)?;
+            }
+            if let Some(f) = self.exports.on_done.clone() {
+                self.call("proxy_on_done", &f, id as i32)?;
+            }
+            if let Some(f) = self.exports.on_delete.clone() {
+                self.call("proxy_on_delete", &f, id as i32)?;
+            }
+            Ok(())
+        })();
+        let d = self.store.data_mut();
+        d.streams.remove(&id);
+        d.properties.clear();
+        d.effective = d.root;
+        r
+    }
+}
