@@ -5,7 +5,7 @@ use crate::abi::buffers::{envoy_copy_from, BufferHost};
 use crate::abi::clock::ClockHost;
 use crate::abi::context::ContextHost;
 use crate::abi::foreign::ForeignHost;
-use crate::abi::grpc::{GrpcHost, GrpcRequest};
+use crate::abi::grpc::GrpcHost;
 use crate::abi::headers::HeaderHost;
 use crate::abi::http_call::{HttpCallHost, HttpCallRequest};
 use crate::abi::logging::LoggingHost;
@@ -679,22 +679,8 @@ impl HttpCallHost for VmData {
     }
 }
 
+// gRPC answers Unimplemented (the trait's defaults); only the status is this host's.
 impl GrpcHost for VmData {
-    fn grpc_call(&mut self, _: GrpcRequest) -> HostResult<u32> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_stream(&mut self, _: GrpcRequest) -> HostResult<u32> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_send(&mut self, _: u32, _: &[u8], _: bool) -> HostResult<()> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_cancel(&mut self, _: u32) -> HostResult<()> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_close(&mut self, _: u32) -> HostResult<()> {
-        Err(Status::Unimplemented)
-    }
     fn status(&mut self) -> (u32, Vec<u8>) {
         self.status.clone()
     }
@@ -838,16 +824,10 @@ where
     P: wasmtime::WasmParams,
     R: wasmtime::WasmResults,
 {
-    match instance.get_func(&mut *store, name) {
-        None => Ok(None),
-        Some(f) => f
-            .typed::<P, R>(&*store)
-            .map(Some)
-            .map_err(|e| Error::BadExport {
-                name,
-                message: format!("{e:#}"),
-            }),
-    }
+    crate::abi::typed_export(instance, store, name).map_err(|e| Error::BadExport {
+        name,
+        message: format!("{e:#}"),
+    })
 }
 
 fn headers_fn(

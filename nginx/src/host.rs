@@ -7,7 +7,7 @@ use proxy_wasm_harness::abi::{
     clock::ClockHost,
     context::ContextHost,
     foreign::ForeignHost,
-    grpc::{GrpcHost, GrpcRequest},
+    grpc::GrpcHost,
     headers::HeaderHost,
     http_call::{HttpCallHost, HttpCallRequest},
     logging::LoggingHost,
@@ -333,26 +333,8 @@ impl HttpCallHost for HostState {
     }
 }
 
-impl GrpcHost for HostState {
-    fn grpc_call(&mut self, _: GrpcRequest) -> HostResult<u32> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_stream(&mut self, _: GrpcRequest) -> HostResult<u32> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_send(&mut self, _: u32, _: &[u8], _: bool) -> HostResult<()> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_cancel(&mut self, _: u32) -> HostResult<()> {
-        Err(Status::Unimplemented)
-    }
-    fn grpc_close(&mut self, _: u32) -> HostResult<()> {
-        Err(Status::Unimplemented)
-    }
-    fn status(&mut self) -> (u32, Vec<u8>) {
-        (0, Vec::new())
-    }
-}
+// No gRPC in nginx: the trait's defaults answer Unimplemented.
+impl GrpcHost for HostState {}
 
 impl SharedDataHost for HostState {
     fn get_shared_data(&mut self, key: &str) -> HostResult<(Vec<u8>, u32)> {

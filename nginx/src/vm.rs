@@ -109,13 +109,7 @@ where
     P: wasmtime::WasmParams,
     R: wasmtime::WasmResults,
 {
-    match instance.get_func(&mut *store, name) {
-        None => Ok(None),
-        Some(f) => f
-            .typed::<P, R>(&*store)
-            .map(Some)
-            .map_err(|_| VmError::Export(name)),
-    }
+    abi::typed_export(instance, store, name).map_err(|_| VmError::Export(name))
 }
 
 /// What a request-headers callback decided.

@@ -3,7 +3,7 @@
 //! HTTP call, read inside the callback that reports it).
 
 use super::limits::MAX_GUEST_BYTES;
-use super::{code, memory, pairs, AbiView, HostResult, Pairs};
+use super::{code, memory, pairs, AbiView, HostResult, Pairs, Status};
 use std::time::Duration;
 use wasmtime::{Caller, Linker};
 
@@ -26,18 +26,30 @@ pub struct GrpcRequest {
 
 /// The host side of gRPC. An embedder without gRPC returns `Unimplemented`.
 pub trait GrpcHost {
-    /// Starts a unary call; returns its token.
-    fn grpc_call(&mut self, r: GrpcRequest) -> HostResult<u32>;
+    /// Starts a unary call; returns its token. Hosts without gRPC keep the default.
+    fn grpc_call(&mut self, _r: GrpcRequest) -> HostResult<u32> {
+        Err(Status::Unimplemented)
+    }
     /// Opens a stream; returns its token.
-    fn grpc_stream(&mut self, r: GrpcRequest) -> HostResult<u32>;
+    fn grpc_stream(&mut self, _r: GrpcRequest) -> HostResult<u32> {
+        Err(Status::Unimplemented)
+    }
     /// Sends a message on a stream.
-    fn grpc_send(&mut self, token: u32, message: &[u8], end_stream: bool) -> HostResult<()>;
+    fn grpc_send(&mut self, _token: u32, _message: &[u8], _end_stream: bool) -> HostResult<()> {
+        Err(Status::Unimplemented)
+    }
     /// Cancels a call or resets a stream.
-    fn grpc_cancel(&mut self, token: u32) -> HostResult<()>;
+    fn grpc_cancel(&mut self, _token: u32) -> HostResult<()> {
+        Err(Status::Unimplemented)
+    }
     /// Closes a call or the local half of a stream.
-    fn grpc_close(&mut self, token: u32) -> HostResult<()>;
+    fn grpc_close(&mut self, _token: u32) -> HostResult<()> {
+        Err(Status::Unimplemented)
+    }
     /// The current status code and message (`proxy_get_status`).
-    fn status(&mut self) -> (u32, Vec<u8>);
+    fn status(&mut self) -> (u32, Vec<u8>) {
+        (0, Vec::new())
+    }
 }
 
 /// Links the gRPC host calls.

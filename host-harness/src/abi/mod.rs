@@ -369,6 +369,23 @@ impl<T> Host for T where
 }
 
 /// Links every host call of `version` (and WASI) into `linker`, as Envoy does: calls
+/// A module export as a typed function, for every embedder: `Ok(None)` when the module does
+/// not export `name` (optional callbacks), an error when it does with another signature.
+pub fn typed_export<T, P, R>(
+    instance: &wasmtime::Instance,
+    store: &mut wasmtime::Store<T>,
+    name: &str,
+) -> wasmtime::Result<Option<wasmtime::TypedFunc<P, R>>>
+where
+    P: wasmtime::WasmParams,
+    R: wasmtime::WasmResults,
+{
+    match instance.get_func(&mut *store, name) {
+        None => Ok(None),
+        Some(f) => f.typed::<P, R>(&*store).map(Some),
+    }
+}
+
 /// that belong to other versions are left out, so a module importing them fails to link.
 pub fn add_to_linker<T: Host>(linker: &mut Linker<T>, version: AbiVersion) -> wasmtime::Result<()> {
     logging::add_to_linker(linker, version)?;
