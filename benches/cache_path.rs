@@ -49,6 +49,23 @@ fn encoded(body_len: usize) -> Vec<u8> {
     )
 }
 
+/// A store with the filter's default limits, initialised.
+fn default_store(mem: &MemoryShared) -> Store<&MemoryShared> {
+    let mut store = Store::new(
+        mem,
+        "b",
+        Limits {
+            max_entries: 4096,
+            max_total_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+            max_variants: 8,
+            policy: Policy::S3Fifo,
+        },
+    );
+    store.init().expect("init");
+    store
+}
+
 fn key_building(c: &mut Criterion) {
     c.bench_function("key/build", |b| {
         b.iter(|| {
@@ -82,18 +99,7 @@ fn lookup_and_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("hit");
     for (len, name) in SIZES {
         let mem = MemoryShared::default();
-        let mut store = Store::new(
-            &mem,
-            "b",
-            Limits {
-                max_entries: 4096,
-                max_total_bytes: 64 << 20,
-                max_entry_bytes: 1 << 20,
-                max_variants: 8,
-                policy: Policy::S3Fifo,
-            },
-        );
-        store.init().expect("init");
+        let mut store = default_store(&mem);
         let key = CacheKey::new("https", "www.example.com", "/assets/app.js?v=42").expect("key");
         let h = key.hash64();
         // Fill the index so lookups run against a realistic map.
@@ -219,18 +225,7 @@ fn new_paths(c: &mut Criterion) {
         })
     });
     let mem = MemoryShared::default();
-    let mut store = Store::new(
-        &mem,
-        "w",
-        Limits {
-            max_entries: 4096,
-            max_total_bytes: 64 << 20,
-            max_entry_bytes: 1 << 20,
-            max_variants: 8,
-            policy: Policy::S3Fifo,
-        },
-    );
-    store.init().expect("init");
+    let mut store = default_store(&mem);
     let key = CacheKey::new("https", "www.example.com", "/assets/app.js?v=42").expect("key");
     let h = key.hash64();
     store
