@@ -52,6 +52,17 @@ fn monotonic_base() -> Instant {
     *B.get_or_init(Instant::now)
 }
 
+/// What a filter asked of a stream besides its callback's return value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamAction {
+    /// `proxy_continue_stream`: resume a paused request (or response).
+    Resume,
+    /// `proxy_send_local_response`: answer the client with this instead.
+    LocalResponse(LocalResponse),
+    /// `proxy_close_stream`: reset the stream.
+    Reset,
+}
+
 /// A guest log line, handed to nginx's error log by the embedder.
 pub type LogSink = fn(LogLevel, &str);
 
@@ -76,8 +87,13 @@ pub struct HostState {
     pub response_headers: Option<Pairs>,
     /// The current body chunk, while a body callback runs.
     pub body: Option<(BufferType, Vec<u8>)>,
-    /// A local response the filter asked for during the current callback.
-    pub local_response: Option<LocalResponse>,
+    /// What the filter asked of streams (its own or, through `set_effective_context`,
+    /// another paused one) during the current callback; the module applies them after it.
+    pub actions: Vec<(u32, StreamAction)>,
+    /// The response status, once the response headers were seen (`response.code`).
+    pub response_code: Option<u32>,
+    /// Set when the filter changed the body chunk of the current body callback.
+    pub body_dirty: bool,
     /// Properties set by the filter for the current stream.
     pub properties: Vec<(Vec<u8>, Vec<u8>)>,
     /// The tick period the root context asked for.
@@ -107,7 +123,9 @@ impl HostState {
             request_headers_dirty: false,
             response_headers: None,
             body: None,
-            local_response: None,
+            actions: Vec::new(),
+            response_code: None,
+            body_dirty: false,
             properties: Vec::new(),
             tick_period: None,
             metric_ids: MetricIds::default(),
@@ -223,7 +241,11 @@ impl BufferHost for HostState {
         data: &[u8],
     ) -> HostResult<()> {
         match &mut self.body {
-            Some((bt, b)) if *bt == t => envoy_copy_from(b, start, len, data),
+            Some((bt, b)) if *bt == t => {
+                envoy_copy_from(b, start, len, data)?;
+                self.body_dirty = true;
+                Ok(())
+            }
             _ => Err(Status::BadArgument),
         }
     }
@@ -296,6 +318,10 @@ impl PropertyHost for HostState {
             [b"request", b"method"] => self.header_value(":method"),
             [b"request", b"host"] => self.header_value(":authority"),
             [b"request", b"scheme"] => self.header_value(":scheme"),
+            // Envoy encodes integer properties as 8 little-endian bytes.
+            [b"response", b"code"] => self
+                .response_code
+                .map(|c| u64::from(c).to_le_bytes().to_vec()),
             _ => None,
         };
         v.ok_or(Status::NotFound)
@@ -310,19 +336,27 @@ impl PropertyHost for HostState {
     }
 }
 
+impl HostState {
+    fn stream_action(&mut self, a: StreamAction) -> HostResult<()> {
+        // As in Envoy, stream calls from the root context (no stream selected) fail.
+        if self.effective == self.root {
+            return Err(Status::NotFound);
+        }
+        // Applied after the callback returns, as Envoy defers them.
+        self.actions.push((self.effective, a));
+        Ok(())
+    }
+}
+
 impl StreamHost for HostState {
     fn continue_stream(&mut self, _s: StreamType) -> HostResult<()> {
-        // TODO(issue 5): resume a paused request (needs pause support in the phase handler).
-        Ok(())
+        self.stream_action(StreamAction::Resume)
     }
     fn close_stream(&mut self, _s: StreamType) -> HostResult<()> {
-        Ok(())
+        self.stream_action(StreamAction::Reset)
     }
     fn send_local_response(&mut self, r: LocalResponse) -> HostResult<()> {
-        if self.effective != self.root {
-            self.local_response = Some(r);
-        }
-        Ok(())
+        self.stream_action(StreamAction::LocalResponse(r))
     }
 }
 

@@ -1,8 +1,8 @@
 //! One Proxy-Wasm VM (a Wasmtime instance with its root context) and the callbacks an
 //! nginx request drives through it. Host calls are linked by the harness's ABI core.
 
-use crate::host::{HostState, LogSink};
-use proxy_wasm_harness::abi::{self, stream::LocalResponse, AbiVersion, LogLevel, Pairs};
+use crate::host::{HostState, LogSink, StreamAction};
+use proxy_wasm_harness::abi::{self, AbiVersion, LogLevel, Pairs};
 use wasmtime::{Engine, Instance, Linker, Module, Store, TypedFunc};
 
 /// Why a module could not be loaded or a VM could not be made or driven.
@@ -112,14 +112,21 @@ where
     abi::typed_export(instance, store, name).map_err(|_| VmError::Export(name))
 }
 
-/// What a request-headers callback decided.
+/// What a headers callback decided. Local responses and resumes are stream actions,
+/// taken with [`PluginVm::take_actions`].
 pub struct HeadersOutcome {
-    /// The filter returned `Pause` (StopIteration) without a local response.
+    /// The filter returned `Pause` (StopIteration).
     pub paused: bool,
-    /// A local response to send instead of going upstream.
-    pub local_response: Option<LocalResponse>,
-    /// The request headers, if the filter changed them.
+    /// The headers, if the filter changed them.
     pub changed_headers: Option<Pairs>,
+}
+
+/// What a body callback decided.
+pub struct BodyOutcome {
+    /// The filter returned `Pause` (StopIterationAndBuffer): the host keeps the chunk.
+    pub paused: bool,
+    /// The chunk, if the filter changed it.
+    pub changed_body: Option<Vec<u8>>,
 }
 
 /// One VM with its root context configured.
@@ -248,7 +255,6 @@ impl PluginVm {
             d.effective = id;
             d.request_headers = Some(headers);
             d.request_headers_dirty = false;
-            d.local_response = None;
         }
         let action = match self.exports.on_request_headers.clone() {
             None => Ok(0),
@@ -262,32 +268,37 @@ impl PluginVm {
         let d = self.store.data_mut();
         let headers = d.request_headers.take();
         let changed = std::mem::take(&mut d.request_headers_dirty);
-        let local_response = d.local_response.take();
         let action = action?;
         Ok(HeadersOutcome {
-            paused: action != 0 && local_response.is_none(),
-            local_response,
+            paused: action != 0,
             changed_headers: if changed { headers } else { None },
         })
     }
 
-    /// Runs `on_response_headers` for stream `id`; returns the headers if the filter
-    /// changed them. (Pausing the response is not supported yet: it continues.)
+    /// Runs `on_response_headers` for stream `id` with `headers` (`:status` first).
     pub fn response_headers(
         &mut self,
         id: u32,
         headers: Pairs,
         end_of_stream: bool,
-    ) -> Result<Option<Pairs>, VmError> {
+    ) -> Result<HeadersOutcome, VmError> {
         if !self.store.data().streams.contains(&id) {
-            return Ok(None);
+            return Ok(HeadersOutcome {
+                paused: false,
+                changed_headers: None,
+            });
         }
         let n = headers.len() as i32;
         let original = headers.clone();
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == b":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
         {
             let d = self.store.data_mut();
             d.effective = id;
             d.response_headers = Some(headers);
+            d.response_code = status;
         }
         let r = match self.exports.on_response_headers.clone() {
             None => Ok(0),
@@ -299,39 +310,63 @@ impl PluginVm {
             ),
         };
         let headers = self.store.data_mut().response_headers.take();
-        r?;
-        Ok(headers.filter(|h| *h != original))
+        let action = r?;
+        Ok(HeadersOutcome {
+            paused: action != 0,
+            changed_headers: headers.filter(|h| *h != original),
+        })
     }
 
-    /// Runs `on_response_body` for stream `id` with one chunk (read-only for now: the
-    /// filter sees the upstream's bytes as they stream, for cache capture).
+    /// The stream actions the filter queued during the last callback(s).
+    pub fn take_actions(&mut self) -> Vec<(u32, StreamAction)> {
+        std::mem::take(&mut self.store.data_mut().actions)
+    }
+
+    /// Whether stream `id` is live in this VM.
+    pub fn has_stream(&self, id: u32) -> bool {
+        self.store.data().streams.contains(&id)
+    }
+
+    /// Runs `on_response_body` for stream `id` with `body`: the chunk as it streams, or
+    /// everything buffered since the filter last paused (Envoy's buffering rule).
     pub fn response_body(
         &mut self,
         id: u32,
-        chunk: &[u8],
+        body: &[u8],
         end_of_stream: bool,
-    ) -> Result<(), VmError> {
+    ) -> Result<BodyOutcome, VmError> {
+        let unchanged = BodyOutcome {
+            paused: false,
+            changed_body: None,
+        };
         if !self.store.data().streams.contains(&id) {
-            return Ok(());
+            return Ok(unchanged);
         }
         let Some(f) = self.exports.on_response_body.clone() else {
-            return Ok(());
+            return Ok(unchanged);
         };
         {
             let d = self.store.data_mut();
             d.effective = id;
+            d.body_dirty = false;
             d.body = Some((
                 proxy_wasm_harness::abi::BufferType::HttpResponseBody,
-                chunk.to_vec(),
+                body.to_vec(),
             ));
         }
         let r = self.call(
             "proxy_on_response_body",
             &f,
-            (id as i32, chunk.len() as i32, i32::from(end_of_stream)),
+            (id as i32, body.len() as i32, i32::from(end_of_stream)),
         );
-        self.store.data_mut().body = None;
-        r.map(|_| ())
+        let d = self.store.data_mut();
+        let new = d.body.take().map(|(_, b)| b);
+        let dirty = std::mem::take(&mut d.body_dirty);
+        let action = r?;
+        Ok(BodyOutcome {
+            paused: action != 0 && !end_of_stream,
+            changed_body: if dirty { new } else { None },
+        })
     }
 
     /// Ends stream `id`: `on_log`, `on_done`, `on_delete`.

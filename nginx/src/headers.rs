@@ -1,0 +1,344 @@
+//! nginx's header lists as Proxy-Wasm header maps, and a filter's changes written back.
+
+use ngx::ffi::{
+    ngx_hash_key_lc, ngx_http_request_t, ngx_list_create, ngx_list_part_t, ngx_list_push,
+    ngx_list_t, ngx_pnalloc, ngx_str_t, ngx_table_elt_t,
+};
+use ngx::http::Request;
+use proxy_wasm_harness::abi::Pairs;
+
+/// Request headers nginx itself acts on for framing and routing: a filter's changes to
+/// them are not applied (nginx already used them; changing them mid-request would desync
+/// the connection).
+const FRAMING_REQUEST_HEADERS: [&[u8]; 8] = [
+    b"host",
+    b"connection",
+    b"content-length",
+    b"transfer-encoding",
+    b"expect",
+    b"upgrade",
+    b"te",
+    b"keep-alive",
+];
+
+/// The entries of an nginx header list, names lower-cased, deleted entries skipped.
+pub(crate) unsafe fn list_pairs(part: *const ngx_list_part_t, out: &mut Pairs) {
+    let mut part = part;
+    while !part.is_null() {
+        let p = &*part;
+        let elts = p.elts as *const ngx_table_elt_t;
+        for i in 0..p.nelts {
+            let h = &*elts.add(i);
+            // Deleted entries have hash 0 (the ngx crate's iterator does not skip them).
+            if h.hash == 0 {
+                continue;
+            }
+            let key = std::slice::from_raw_parts(h.key.data, h.key.len).to_ascii_lowercase();
+            out.push((key, h.value.as_bytes().to_vec()));
+        }
+        part = p.next;
+    }
+}
+
+/// The request headers as Envoy gives them to a filter: pseudo-headers first.
+pub(crate) unsafe fn request_pairs(r: &ngx_http_request_t) -> Pairs {
+    let mut out: Pairs = Vec::new();
+    let host = if r.headers_in.server.len > 0 {
+        r.headers_in.server.as_bytes().to_vec()
+    } else {
+        Vec::new()
+    };
+    out.push((b":authority".to_vec(), host));
+    out.push((b":path".to_vec(), r.unparsed_uri.as_bytes().to_vec()));
+    out.push((b":method".to_vec(), r.method_name.as_bytes().to_vec()));
+    out.push((b":scheme".to_vec(), b"http".to_vec()));
+    list_pairs(&r.headers_in.headers.part, &mut out);
+    out
+}
+
+/// The response headers as Envoy gives them: `:status` first, then `content-type` and
+/// `content-length` (nginx keeps those in fields of their own), then the list.
+pub(crate) unsafe fn response_pairs(r: &ngx_http_request_t) -> Pairs {
+    let mut out: Pairs = vec![(
+        b":status".to_vec(),
+        r.headers_out.status.to_string().into_bytes(),
+    )];
+    if r.headers_out.content_type.len > 0 {
+        out.push((
+            b"content-type".to_vec(),
+            r.headers_out.content_type.as_bytes().to_vec(),
+        ));
+    }
+    if r.headers_out.content_length_n >= 0 {
+        out.push((
+            b"content-length".to_vec(),
+            r.headers_out.content_length_n.to_string().into_bytes(),
+        ));
+    }
+    list_pairs(&r.headers_out.headers.part, &mut out);
+    out
+}
+
+/// A copy of `s` in the request's pool.
+pub(crate) unsafe fn pool_str(r: *mut ngx_http_request_t, s: &[u8]) -> Option<ngx_str_t> {
+    let p = ngx_pnalloc((*r).pool, s.len().max(1)) as *mut u8;
+    if p.is_null() {
+        return None;
+    }
+    std::ptr::copy_nonoverlapping(s.as_ptr(), p, s.len());
+    Some(ngx_str_t {
+        len: s.len(),
+        data: p,
+    })
+}
+
+fn values(p: &Pairs, k: &[u8]) -> Vec<Vec<u8>> {
+    p.iter()
+        .filter(|(n, _)| n == k)
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Marks every entry named `k` deleted (hash 0), as nginx's own filters do.
+unsafe fn delete_all(list: *mut ngx_list_t, k: &[u8]) {
+    let mut part: *mut ngx_list_part_t = &mut (*list).part;
+    while !part.is_null() {
+        let elts = (*part).elts as *mut ngx_table_elt_t;
+        for i in 0..(*part).nelts {
+            let h = &mut *elts.add(i);
+            let key = std::slice::from_raw_parts(h.key.data, h.key.len);
+            if h.hash != 0 && key.eq_ignore_ascii_case(k) {
+                h.hash = 0;
+            }
+        }
+        part = (*part).next;
+    }
+}
+
+/// Deletes every response header (a local response in the response phase replaces them).
+pub(crate) unsafe fn clear_response_headers(r: *mut ngx_http_request_t) {
+    let mut part: *mut ngx_list_part_t = &mut (*r).headers_out.headers.part;
+    while !part.is_null() {
+        let elts = (*part).elts as *mut ngx_table_elt_t;
+        for i in 0..(*part).nelts {
+            (*elts.add(i)).hash = 0;
+        }
+        part = (*part).next;
+    }
+    let o = &mut (*r).headers_out;
+    o.content_length = std::ptr::null_mut();
+    o.content_length_n = -1;
+    o.last_modified = std::ptr::null_mut();
+    o.last_modified_time = -1;
+    o.etag = std::ptr::null_mut();
+    o.location = std::ptr::null_mut();
+    o.content_type.len = 0;
+    o.content_type_len = 0;
+    o.charset.len = 0;
+}
+
+/// Sets `:status`; nginx's status line (kept from the upstream) would override it.
+pub(crate) unsafe fn set_status(r: *mut ngx_http_request_t, status: u32) {
+    (*r).headers_out.status = status as _;
+    (*r).headers_out.status_line.len = 0;
+}
+
+/// Sets the content type; `None` removes it.
+pub(crate) unsafe fn set_content_type(r: *mut ngx_http_request_t, ct: Option<&[u8]>) -> bool {
+    let o = &mut (*r).headers_out;
+    o.charset.len = 0;
+    match ct {
+        None => {
+            o.content_type.len = 0;
+            o.content_type_len = 0;
+            true
+        }
+        Some(ct) => match pool_str(r, ct) {
+            Some(s) => {
+                let o = &mut (*r).headers_out;
+                o.content_type = s;
+                o.content_type_len = s.len;
+                o.content_type_lowcase = std::ptr::null_mut();
+                true
+            }
+            None => false,
+        },
+    }
+}
+
+/// Sets the content length; `None` removes it (the body is then chunked or closed).
+pub(crate) unsafe fn set_content_length(r: *mut ngx_http_request_t, len: Option<i64>) {
+    let o = &mut (*r).headers_out;
+    if !o.content_length.is_null() {
+        (*o.content_length).hash = 0;
+        o.content_length = std::ptr::null_mut();
+    }
+    o.content_length_n = len.unwrap_or(-1);
+}
+
+/// Applies a filter's response header changes: every header whose values changed is
+/// deleted and added again with its new values; `:status`, `content-type` and
+/// `content-length` go to nginx's own fields.
+pub(crate) unsafe fn apply_response_headers(
+    r: *mut ngx_http_request_t,
+    old: &Pairs,
+    new: &Pairs,
+) -> bool {
+    let mut keys: Vec<&Vec<u8>> = old.iter().chain(new.iter()).map(|(k, _)| k).collect();
+    keys.sort();
+    keys.dedup();
+    let req = Request::from_ngx_http_request(r);
+    for k in keys {
+        let new_values = values(new, k);
+        if values(old, k) == new_values {
+            continue;
+        }
+        match k.as_slice() {
+            b":status" => {
+                let s = new_values
+                    .first()
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+                    .filter(|s| (100..1000).contains(s));
+                if let Some(s) = s {
+                    set_status(r, s);
+                }
+                continue;
+            }
+            b"content-type" => {
+                if !set_content_type(r, new_values.first().map(Vec::as_slice)) {
+                    return false;
+                }
+                continue;
+            }
+            b"content-length" => {
+                let n = new_values
+                    .first()
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok());
+                set_content_length(r, n);
+                continue;
+            }
+            _ if k.starts_with(b":") => continue,
+            _ => {}
+        }
+        delete_all(&mut (*r).headers_out.headers, k);
+        match k.as_slice() {
+            b"last-modified" => {
+                (*r).headers_out.last_modified = std::ptr::null_mut();
+                (*r).headers_out.last_modified_time = -1;
+            }
+            b"etag" => (*r).headers_out.etag = std::ptr::null_mut(),
+            b"location" => (*r).headers_out.location = std::ptr::null_mut(),
+            _ => {}
+        }
+        let Ok(k) = std::str::from_utf8(k) else {
+            continue;
+        };
+        for v in new_values {
+            let Ok(v) = std::str::from_utf8(&v) else {
+                continue;
+            };
+            if req.add_header_out(k, v).is_none() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Writes a filter's request headers back: the header list is rebuilt (the proxy module
+/// forwards every list entry, deleted or not, so deleting in place would not remove a
+/// header upstream) and the fields nginx keeps for conditional and content-negotiation
+/// headers are pointed at the new entries. Framing headers and pseudo-headers keep their
+/// original values. Returns the names of changes that were not applied.
+pub(crate) unsafe fn apply_request_headers(
+    r: *mut ngx_http_request_t,
+    old: &Pairs,
+    new: &Pairs,
+) -> Result<Vec<String>, ()> {
+    let mut ignored = Vec::new();
+    let framing = |k: &[u8]| FRAMING_REQUEST_HEADERS.contains(&k);
+    for (k, _) in old.iter().chain(new.iter()) {
+        if (k.starts_with(b":") || framing(k)) && values(old, k) != values(new, k) {
+            let name = String::from_utf8_lossy(k).into_owned();
+            if !ignored.contains(&name) {
+                ignored.push(name);
+            }
+        }
+    }
+    let n = new.len().max(1);
+    let list = ngx_list_create((*r).pool, n as _, std::mem::size_of::<ngx_table_elt_t>());
+    if list.is_null() {
+        return Err(());
+    }
+    // Framing headers: the original entries, as they were.
+    let mut part: *mut ngx_list_part_t = &mut (*r).headers_in.headers.part;
+    while !part.is_null() {
+        let elts = (*part).elts as *mut ngx_table_elt_t;
+        for i in 0..(*part).nelts {
+            let h = &*elts.add(i);
+            let key = std::slice::from_raw_parts(h.key.data, h.key.len).to_ascii_lowercase();
+            if h.hash != 0 && framing(&key) {
+                let e = ngx_list_push(list) as *mut ngx_table_elt_t;
+                if e.is_null() {
+                    return Err(());
+                }
+                *e = *h;
+            }
+        }
+        part = (*part).next;
+    }
+    for (k, v) in new {
+        if k.starts_with(b":") || framing(k) {
+            continue;
+        }
+        let e = ngx_list_push(list) as *mut ngx_table_elt_t;
+        let (Some(key), Some(value), Some(low)) = (pool_str(r, k), pool_str(r, v), pool_str(r, k))
+        else {
+            return Err(());
+        };
+        if e.is_null() {
+            return Err(());
+        }
+        *e = ngx_table_elt_t {
+            hash: ngx_hash_key_lc(key.data, key.len).max(1),
+            key,
+            value,
+            lowcase_key: low.data,
+        };
+    }
+    (*r).headers_in.headers = *list;
+    // The fields nginx reads these headers from (not_modified, range, gzip, variables).
+    let first = move |name: &[u8]| -> *mut ngx_table_elt_t { first_in(r, name) };
+    let hi = std::ptr::addr_of_mut!((*r).headers_in);
+    let hi = &mut *hi;
+    hi.if_modified_since = first(b"if-modified-since");
+    hi.if_unmodified_since = first(b"if-unmodified-since");
+    hi.if_match = first(b"if-match");
+    hi.if_none_match = first(b"if-none-match");
+    hi.range = first(b"range");
+    hi.if_range = first(b"if-range");
+    hi.user_agent = first(b"user-agent");
+    hi.referer = first(b"referer");
+    hi.accept_encoding = first(b"accept-encoding");
+    hi.authorization = first(b"authorization");
+    hi.via = first(b"via");
+    hi.date = first(b"date");
+    Ok(ignored)
+}
+
+/// The first request header entry named `name`.
+unsafe fn first_in(r: *mut ngx_http_request_t, name: &[u8]) -> *mut ngx_table_elt_t {
+    let mut part: *mut ngx_list_part_t = &mut (*r).headers_in.headers.part;
+    while !part.is_null() {
+        let elts = (*part).elts as *mut ngx_table_elt_t;
+        for i in 0..(*part).nelts {
+            let h = elts.add(i);
+            let key = std::slice::from_raw_parts((*h).key.data, (*h).key.len);
+            if key.eq_ignore_ascii_case(name) {
+                return h;
+            }
+        }
+        part = (*part).next;
+    }
+    std::ptr::null_mut()
+}
