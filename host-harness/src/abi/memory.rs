@@ -5,7 +5,7 @@
 //! (the guest's allocator trapped), the inner one the status to hand back to the guest.
 
 use super::{AbiView, HostResult, Status};
-use wasmtime::Caller;
+use wasmtime::{Caller, ValRaw};
 
 fn span(ptr: i32, len: usize, mem_len: usize) -> HostResult<std::ops::Range<usize>> {
     let start = ptr as u32 as usize;
@@ -74,13 +74,19 @@ pub fn alloc<T: AbiView>(
     caller: &mut Caller<'_, T>,
     len: usize,
 ) -> wasmtime::Result<HostResult<i32>> {
-    let Some(f) = caller.data().abi().allocator() else {
+    let Some(f) = caller.data().abi().allocator_func() else {
         return Ok(Err(Status::InvalidMemoryAccess));
     };
     let Ok(len32) = i32::try_from(len) else {
         return Ok(Err(Status::InvalidMemoryAccess));
     };
-    let ptr = f.call(&mut *caller, len32)?;
+    // A typed call would clone the function's type (a type-registry round trip) on every
+    // allocation; the signature was checked once, when `bind` took a TypedFunc.
+    let mut slot = [ValRaw::i32(len32)];
+    // SAFETY: `f` is `(i32) -> i32` (bound from a TypedFunc of that type) and `slot` holds
+    // one parameter and has room for one result.
+    unsafe { f.call_unchecked(&mut *caller, &mut slot as *mut [ValRaw])? };
+    let ptr = slot[0].get_i32();
     let Some(memory) = caller.data().abi().memory() else {
         return Ok(Err(Status::InvalidMemoryAccess));
     };

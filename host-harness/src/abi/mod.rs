@@ -28,7 +28,7 @@ pub mod shared_data;
 pub mod stream;
 pub mod wasi;
 
-use wasmtime::{Linker, Memory, TypedFunc};
+use wasmtime::{Func, Linker, Memory, TypedFunc};
 
 /// The Proxy-Wasm ABI versions a module can declare by exporting
 /// `proxy_abi_version_X_Y_Z`.
@@ -301,6 +301,8 @@ pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 pub struct AbiState {
     memory: Option<Memory>,
     alloc: Option<TypedFunc<i32, i32>>,
+    /// The same function untyped: calling it needs no type-registry clone per call.
+    alloc_func: Option<Func>,
 }
 
 impl AbiState {
@@ -309,6 +311,7 @@ impl AbiState {
     /// and before any callback.
     pub fn bind(&mut self, memory: Memory, alloc: TypedFunc<i32, i32>) {
         self.memory = Some(memory);
+        self.alloc_func = Some(*alloc.func());
         self.alloc = Some(alloc);
     }
 
@@ -320,6 +323,11 @@ impl AbiState {
     /// The guest's allocator, once bound.
     pub fn allocator(&self) -> Option<TypedFunc<i32, i32>> {
         self.alloc.clone()
+    }
+
+    /// The allocator as a plain [`Func`] (checked as `(i32) -> i32` when bound).
+    pub(crate) fn allocator_func(&self) -> Option<Func> {
+        self.alloc_func
     }
 }
 
