@@ -83,6 +83,8 @@ pub struct HostState {
     pub request_headers: Option<Pairs>,
     /// Set when the filter changed the request headers.
     pub request_headers_dirty: bool,
+    /// Set when the filter changed the response headers.
+    pub response_headers_dirty: bool,
     /// Response headers, available while their callback runs.
     pub response_headers: Option<Pairs>,
     /// The current body chunk, while a body callback runs.
@@ -121,6 +123,7 @@ impl HostState {
             effective: 1,
             request_headers: None,
             request_headers_dirty: false,
+            response_headers_dirty: false,
             response_headers: None,
             body: None,
             actions: Vec::new(),
@@ -151,8 +154,10 @@ impl HostState {
     }
 
     fn touched(&mut self, t: MapType) {
-        if t == MapType::HttpRequestHeaders {
-            self.request_headers_dirty = true;
+        match t {
+            MapType::HttpRequestHeaders => self.request_headers_dirty = true,
+            MapType::HttpResponseHeaders => self.response_headers_dirty = true,
+            _ => {}
         }
     }
 

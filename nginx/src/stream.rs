@@ -80,8 +80,10 @@ pub(crate) struct RequestCtx {
     streams: Vec<FilterStream>,
     /// The next filter of the chain to get the request headers.
     next: usize,
+    /// The request headers as the chain has made them so far.
     headers: Pairs,
-    original_headers: Pairs,
+    /// Some filter changed them: they are written back when the chain passes.
+    headers_changed: bool,
     phase: Phase,
     /// A local response sent from the response phase: its body replaces the upstream's.
     replacement: Option<Vec<u8>>,
@@ -263,8 +265,9 @@ unsafe fn request_headers(r: *mut ngx_http_request_t) -> ngx_int_t {
         }
         Verdict::Pass => {
             ctx.phase = Phase::Done;
-            if ctx.headers != ctx.original_headers {
-                match apply_request_headers(r, &ctx.original_headers, &ctx.headers) {
+            if ctx.headers_changed {
+                let original = request_pairs(&*r);
+                match apply_request_headers(r, &original, &ctx.headers) {
                     Ok(ignored) if !ignored.is_empty() => {
                         ngx_log_error!(
                             NGX_LOG_NOTICE,
@@ -305,8 +308,8 @@ unsafe fn new_ctx<'a>(r: *mut ngx_http_request_t, lc: &LocConf) -> Option<&'a mu
         fail_open: lc.fail_open(),
         streams: Vec::new(),
         next: 0,
-        original_headers: headers.clone(),
         headers,
+        headers_changed: false,
         phase: Phase::Running,
         replacement: None,
         replacement_sent: false,
@@ -333,7 +336,9 @@ unsafe fn run_chain(ctx: &mut RequestCtx) -> Verdict {
     while ctx.next < ctx.chain.len() {
         let filter = ctx.chain[ctx.next].clone();
         ctx.next += 1;
-        let headers = ctx.headers.clone();
+        let headers = std::mem::take(&mut ctx.headers);
+        // Fail-open goes on with the headers as they were before this filter.
+        let backup = (ctx.fail_open && ctx.headers_changed).then(|| headers.clone());
         let streams = &mut ctx.streams;
         let run = with_vm(&filter, |vm, gen| {
             let id = vm.create_stream()?;
@@ -354,15 +359,15 @@ unsafe fn run_chain(ctx: &mut RequestCtx) -> Verdict {
                 // The VM is gone: its stream must not be finished on another one.
                 mark_failed(ctx, ctx.next - 1);
                 if ctx.fail_open {
+                    ctx.headers = backup.unwrap_or_else(|| request_pairs(&*r));
                     continue;
                 }
                 return Verdict::Finalize(HTTPStatus::INTERNAL_SERVER_ERROR.0 as ngx_int_t);
             }
         };
         let (id, o) = run.value;
-        if let Some(h) = o.changed_headers {
-            ctx.headers = h;
-        }
+        ctx.headers = o.headers;
+        ctx.headers_changed |= o.changed;
         let mut resumed = false;
         for (sid, a) in run.actions {
             if sid != id {
@@ -492,7 +497,7 @@ unsafe fn response_headers(r: *mut ngx_http_request_t) -> Result<(), ngx_int_t> 
             if gen != s.gen {
                 return Ok(None);
             }
-            vm.response_headers(s.id, pairs.clone(), eos).map(Some)
+            vm.response_headers(s.id, pairs, eos).map(Some)
         });
         let run = match run {
             Ok(run) => run,
@@ -516,10 +521,8 @@ unsafe fn response_headers(r: *mut ngx_http_request_t) -> Result<(), ngx_int_t> 
         if local.is_some() {
             break;
         }
-        if let Some(new) = o.changed_headers {
-            if !apply_response_headers(r, &pairs, &new) {
-                return Err(Status::NGX_ERROR.0);
-            }
+        if o.changed && !apply_response_headers(r, &response_pairs(&*r), &o.headers) {
+            return Err(Status::NGX_ERROR.0);
         }
         if o.paused {
             // Holding response headers back needs the whole response buffered; nginx
@@ -638,30 +641,37 @@ unsafe fn body_chunk(ctx: &mut RequestCtx, data: Vec<u8>, eos: bool) -> Result<O
             data = all;
             changed = true;
         }
+        let chunk = std::mem::take(&mut data);
+        // Fail-open must pass the bytes on even if the VM dies holding them.
+        let backup = ctx.fail_open.then(|| chunk.clone());
+        let mut spare = None;
         let run = with_vm(&filter, |vm, g| {
             if g != gen {
+                spare = Some(chunk);
                 return Ok(None);
             }
-            vm.response_body(id, &data, eos).map(Some)
+            vm.response_body(id, chunk, eos).map(Some)
         });
         let o = match run {
             Ok(run) => match run.value {
                 Some(o) => o,
-                None => continue,
+                None => {
+                    data = spare.unwrap_or_default();
+                    continue;
+                }
             },
             Err(e) => {
                 ctx.streams[i].failed = true;
-                if ctx.fail_open {
+                if let Some(b) = backup {
                     log_to_nginx(LogLevel::Error, &e.to_string());
+                    data = b;
                     continue;
                 }
                 return Err(e.to_string());
             }
         };
-        if let Some(b) = o.changed_body {
-            data = b;
-            changed = true;
-        }
+        data = o.body;
+        changed |= o.changed;
         if o.paused {
             if data.len() > MAX_BUFFERED_BODY {
                 log_to_nginx(

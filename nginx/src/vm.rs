@@ -117,16 +117,39 @@ where
 pub struct HeadersOutcome {
     /// The filter returned `Pause` (StopIteration).
     pub paused: bool,
-    /// The headers, if the filter changed them.
-    pub changed_headers: Option<Pairs>,
+    /// The headers, given back (changed or not).
+    pub headers: Pairs,
+    /// Whether the filter changed them.
+    pub changed: bool,
 }
 
 /// What a body callback decided.
 pub struct BodyOutcome {
     /// The filter returned `Pause` (StopIterationAndBuffer): the host keeps the chunk.
     pub paused: bool,
-    /// The chunk, if the filter changed it.
-    pub changed_body: Option<Vec<u8>>,
+    /// The chunk, given back (changed or not).
+    pub body: Vec<u8>,
+    /// Whether the filter changed it.
+    pub changed: bool,
+}
+
+/// Calls `f`; a trap becomes [`VmError::Trap`]. A free function over the store, so that
+/// callers can pass a function borrowed from the exports (cloning a TypedFunc clones its
+/// type through Wasmtime's type registry, on every call).
+fn call<P, R>(
+    store: &mut Store<HostState>,
+    callback: &'static str,
+    f: &TypedFunc<P, R>,
+    params: P,
+) -> Result<R, VmError>
+where
+    P: wasmtime::WasmParams,
+    R: wasmtime::WasmResults,
+{
+    f.call(store, params).map_err(|e| VmError::Trap {
+        callback,
+        message: format!("{e:?}"),
+    })
 }
 
 /// One VM with its root context configured.
@@ -223,10 +246,7 @@ impl PluginVm {
         P: wasmtime::WasmParams,
         R: wasmtime::WasmResults,
     {
-        f.call(&mut self.store, params).map_err(|e| VmError::Trap {
-            callback,
-            message: format!("{e:?}"),
-        })
+        call(&mut self.store, callback, f, params)
     }
 
     /// Creates an HTTP stream context under the root context.
@@ -236,8 +256,13 @@ impl PluginVm {
         let data = self.store.data_mut();
         data.streams.insert(id);
         data.effective = id;
-        if let Some(f) = self.exports.on_context_create.clone() {
-            self.call("proxy_on_context_create", &f, (id as i32, 1))?;
+        if let Some(f) = &self.exports.on_context_create {
+            call(
+                &mut self.store,
+                "proxy_on_context_create",
+                f,
+                (id as i32, 1),
+            )?;
         }
         Ok(id)
     }
@@ -256,12 +281,14 @@ impl PluginVm {
             d.request_headers = Some(headers);
             d.request_headers_dirty = false;
         }
-        let action = match self.exports.on_request_headers.clone() {
+        let cb = "proxy_on_request_headers";
+        let action = match &self.exports.on_request_headers {
             None => Ok(0),
-            Some(HeadersFn::V1(f)) => self.call("proxy_on_request_headers", &f, (id as i32, n)),
-            Some(HeadersFn::V2(f)) => self.call(
-                "proxy_on_request_headers",
-                &f,
+            Some(HeadersFn::V1(f)) => call(&mut self.store, cb, f, (id as i32, n)),
+            Some(HeadersFn::V2(f)) => call(
+                &mut self.store,
+                cb,
+                f,
                 (id as i32, n, i32::from(end_of_stream)),
             ),
         };
@@ -271,7 +298,8 @@ impl PluginVm {
         let action = action?;
         Ok(HeadersOutcome {
             paused: action != 0,
-            changed_headers: if changed { headers } else { None },
+            headers: headers.unwrap_or_default(),
+            changed,
         })
     }
 
@@ -285,11 +313,11 @@ impl PluginVm {
         if !self.store.data().streams.contains(&id) {
             return Ok(HeadersOutcome {
                 paused: false,
-                changed_headers: None,
+                headers,
+                changed: false,
             });
         }
         let n = headers.len() as i32;
-        let original = headers.clone();
         let status = headers
             .iter()
             .find(|(k, _)| k == b":status")
@@ -298,22 +326,28 @@ impl PluginVm {
             let d = self.store.data_mut();
             d.effective = id;
             d.response_headers = Some(headers);
+            d.response_headers_dirty = false;
             d.response_code = status;
         }
-        let r = match self.exports.on_response_headers.clone() {
+        let cb = "proxy_on_response_headers";
+        let r = match &self.exports.on_response_headers {
             None => Ok(0),
-            Some(HeadersFn::V1(f)) => self.call("proxy_on_response_headers", &f, (id as i32, n)),
-            Some(HeadersFn::V2(f)) => self.call(
-                "proxy_on_response_headers",
-                &f,
+            Some(HeadersFn::V1(f)) => call(&mut self.store, cb, f, (id as i32, n)),
+            Some(HeadersFn::V2(f)) => call(
+                &mut self.store,
+                cb,
+                f,
                 (id as i32, n, i32::from(end_of_stream)),
             ),
         };
-        let headers = self.store.data_mut().response_headers.take();
+        let d = self.store.data_mut();
+        let headers = d.response_headers.take().unwrap_or_default();
+        let changed = std::mem::take(&mut d.response_headers_dirty);
         let action = r?;
         Ok(HeadersOutcome {
             paused: action != 0,
-            changed_headers: headers.filter(|h| *h != original),
+            headers,
+            changed,
         })
     }
 
@@ -332,40 +366,42 @@ impl PluginVm {
     pub fn response_body(
         &mut self,
         id: u32,
-        body: &[u8],
+        body: Vec<u8>,
         end_of_stream: bool,
     ) -> Result<BodyOutcome, VmError> {
-        let unchanged = BodyOutcome {
-            paused: false,
-            changed_body: None,
-        };
-        if !self.store.data().streams.contains(&id) {
-            return Ok(unchanged);
+        let len = body.len();
+        if !self.store.data().streams.contains(&id) || self.exports.on_response_body.is_none() {
+            return Ok(BodyOutcome {
+                paused: false,
+                body,
+                changed: false,
+            });
         }
-        let Some(f) = self.exports.on_response_body.clone() else {
-            return Ok(unchanged);
-        };
         {
             let d = self.store.data_mut();
             d.effective = id;
             d.body_dirty = false;
-            d.body = Some((
-                proxy_wasm_harness::abi::BufferType::HttpResponseBody,
-                body.to_vec(),
-            ));
+            d.body = Some((proxy_wasm_harness::abi::BufferType::HttpResponseBody, body));
         }
-        let r = self.call(
+        let f = self
+            .exports
+            .on_response_body
+            .as_ref()
+            .expect("checked above");
+        let r = call(
+            &mut self.store,
             "proxy_on_response_body",
-            &f,
-            (id as i32, body.len() as i32, i32::from(end_of_stream)),
+            f,
+            (id as i32, len as i32, i32::from(end_of_stream)),
         );
         let d = self.store.data_mut();
-        let new = d.body.take().map(|(_, b)| b);
-        let dirty = std::mem::take(&mut d.body_dirty);
+        let body = d.body.take().map(|(_, b)| b).unwrap_or_default();
+        let changed = std::mem::take(&mut d.body_dirty);
         let action = r?;
         Ok(BodyOutcome {
             paused: action != 0 && !end_of_stream,
-            changed_body: if dirty { new } else { None },
+            body,
+            changed,
         })
     }
 
@@ -376,14 +412,14 @@ impl PluginVm {
         }
         self.store.data_mut().effective = id;
         let r = (|| {
-            if let Some(f) = self.exports.on_log.clone() {
-                self.call("proxy_on_log", &f, id as i32)?;
+            if let Some(f) = &self.exports.on_log {
+                call(&mut self.store, "proxy_on_log", f, id as i32)?;
             }
-            if let Some(f) = self.exports.on_done.clone() {
-                self.call("proxy_on_done", &f, id as i32)?;
+            if let Some(f) = &self.exports.on_done {
+                call(&mut self.store, "proxy_on_done", f, id as i32)?;
             }
-            if let Some(f) = self.exports.on_delete.clone() {
-                self.call("proxy_on_delete", &f, id as i32)?;
+            if let Some(f) = &self.exports.on_delete {
+                call(&mut self.store, "proxy_on_delete", f, id as i32)?;
             }
             Ok(())
         })();
