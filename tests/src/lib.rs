@@ -19,6 +19,7 @@ pub mod http;
 pub mod nginx;
 pub mod prometheus;
 pub mod prometheus_server;
+pub mod scenarios;
 pub mod upstream;
 
 pub use envoy::{Envoy, FailedStart, ScratchDir};
