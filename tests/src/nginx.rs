@@ -292,7 +292,6 @@ pub fn render_config(template: &str, p: &RenderParams<'_>) -> Result<String, Str
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
-const SIGHUP: i32 = 1;
 const SIGQUIT: i32 = 3;
 const SIGKILL: i32 = 9;
 
@@ -596,11 +595,6 @@ impl Nginx {
             }
             thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Sends SIGHUP to the master (what `nginx -s reload` does) without waiting.
-    pub fn signal_reload(&self) {
-        signal(self.master as i32, SIGHUP);
     }
 
     /// The error log so far.
