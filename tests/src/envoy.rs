@@ -105,10 +105,9 @@ fn replace_once(text: &str, from: &str, to: &str) -> Result<String, String> {
     }
 }
 
-/// Replaces the plugin configuration block scalar (`value: |` and its more-indented
-/// lines) with a single-quoted YAML scalar holding `json`.
-fn replace_plugin_config(text: &str, json: &str) -> Result<String, String> {
-    let lines: Vec<&str> = text.lines().collect();
+/// The plugin configuration block scalar (`value: |` and its more-indented lines):
+/// the index of the `value: |` line, the index after the block, and its indentation.
+fn plugin_block(lines: &[&str]) -> Result<(usize, usize, usize), String> {
     let starts: Vec<usize> = lines
         .iter()
         .enumerate()
@@ -126,6 +125,21 @@ fn replace_plugin_config(text: &str, json: &str) -> Result<String, String> {
         .iter()
         .position(|l| !l.trim().is_empty() && l.len() - l.trim_start().len() <= indent)
         .map_or(lines.len(), |p| start + 1 + p);
+    Ok((start, end, indent))
+}
+
+/// The plugin JSON of the shipped config (the `value: |` block's text).
+pub fn shipped_plugin_config(text: &str) -> Result<String, String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let (start, end, _) = plugin_block(&lines)?;
+    Ok(lines[start + 1..end].join("\n"))
+}
+
+/// Replaces the plugin configuration block scalar (`value: |` and its more-indented
+/// lines) with a single-quoted YAML scalar holding `json`.
+fn replace_plugin_config(text: &str, json: &str) -> Result<String, String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let (start, end, indent) = plugin_block(&lines)?;
     // Single-quoted YAML: only `'` needs escaping; line breaks fold to spaces,
     // which JSON does not mind.
     let quoted = json.replace('\'', "''");
@@ -204,10 +218,11 @@ pub fn render_vm_env(text: &str, vars: &[(&str, &str)]) -> Result<String, String
 }
 
 /// A private scratch directory, removed on drop unless the test failed.
-pub(crate) struct ScratchDir(pub(crate) PathBuf);
+pub struct ScratchDir(pub PathBuf);
 
 impl ScratchDir {
-    pub(crate) fn new() -> io::Result<ScratchDir> {
+    /// Creates a new, empty directory under the system's temp directory.
+    pub fn new() -> io::Result<ScratchDir> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -225,7 +240,7 @@ impl ScratchDir {
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("envoy: keeping {} for inspection", self.0.display());
+            eprintln!("e2e: keeping {} for inspection", self.0.display());
         } else {
             let _ = fs::remove_dir_all(&self.0);
         }

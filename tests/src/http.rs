@@ -318,6 +318,138 @@ pub fn exchange_raw(addr: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A keep-alive HTTP/1.1 client for one server: `GET`s on one connection until the
+/// server closes it, then on a new one.
+///
+/// A server may close an idle keep-alive connection at any time (nginx does when a worker
+/// shuts down after a reload); a request sent on a reused connection that the server
+/// closed before answering a single byte is sent again once on a new connection, as
+/// RFC 9112 §9.3.1 allows for idempotent requests. [`KeepAliveClient::stale_retries`]
+/// counts those. Any other failure is an error.
+pub struct KeepAliveClient {
+    addr: SocketAddr,
+    conn: Option<(BufReader<TcpStream>, TcpStream)>,
+    /// Requests sent again because the server had closed a reused connection.
+    pub stale_retries: usize,
+    /// Connections opened.
+    pub connections: usize,
+}
+
+impl KeepAliveClient {
+    /// A client for `addr`; connects on the first request.
+    pub fn new(addr: SocketAddr) -> KeepAliveClient {
+        KeepAliveClient {
+            addr,
+            conn: None,
+            stale_retries: 0,
+            connections: 0,
+        }
+    }
+
+    /// `GET path` on the current connection (or a new one).
+    pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        let reused = self.conn.is_some();
+        match self.try_get(path) {
+            Err(Stale) if reused => {
+                self.stale_retries += 1;
+                self.try_get(path).map_err(|e| e.into_io(path, false))
+            }
+            r => r.map_err(|e| e.into_io(path, reused)),
+        }
+    }
+
+    fn try_get(&mut self, path: &str) -> Result<Response, GetError> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, CLIENT_TIMEOUT)?;
+            s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+            s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+            s.set_nodelay(true)?;
+            self.conn = Some((BufReader::new(s.try_clone()?), s));
+            self.connections += 1;
+        }
+        let (reader, writer) = self.conn.as_mut().expect("connected above");
+        let head = format!("GET {path} HTTP/1.1\r\nHost: edge.test\r\n\r\n");
+        let sent = writer
+            .write_all(head.as_bytes())
+            .and_then(|()| writer.flush());
+        let stale = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+        };
+        let head = match sent.and_then(|()| read_head(reader)) {
+            Ok(Some(h)) => h,
+            // Closed before a single byte of a response.
+            Ok(None) => return self.drop_conn(Err(Stale)),
+            Err(e) if stale(&e) => return self.drop_conn(Err(Stale)),
+            Err(e) => return self.drop_conn(Err(e.into())),
+        };
+        let (start, headers) = head;
+        let status = match parse_status_line(&start) {
+            Ok(s) => s,
+            Err(e) => return self.drop_conn(Err(e.into())),
+        };
+        let body = match framing(&headers, Framing::UntilClose).and_then(|f| {
+            read_body(
+                reader,
+                if status == 204 || status == 304 {
+                    Framing::Empty
+                } else {
+                    f
+                },
+            )
+        }) {
+            Ok(b) => b,
+            Err(e) => return self.drop_conn(Err(e.into())),
+        };
+        let close = headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let r = Response {
+            status,
+            headers,
+            body,
+        };
+        if close {
+            return self.drop_conn(Ok(r));
+        }
+        Ok(r)
+    }
+
+    fn drop_conn<T>(&mut self, r: Result<T, GetError>) -> Result<T, GetError> {
+        self.conn = None;
+        r
+    }
+}
+
+/// Why a keep-alive `GET` failed.
+enum GetError {
+    /// The server closed the connection before any byte of a response.
+    Stale,
+    /// Anything else.
+    Io(io::Error),
+}
+use GetError::Stale;
+
+impl From<io::Error> for GetError {
+    fn from(e: io::Error) -> Self {
+        GetError::Io(e)
+    }
+}
+
+impl GetError {
+    fn into_io(self, path: &str, reused: bool) -> io::Error {
+        match self {
+            GetError::Io(e) => e,
+            Stale => eof(format!(
+                "GET {path}: connection closed before any response ({} connection)",
+                if reused { "reused" } else { "new" }
+            )),
+        }
+    }
+}
+
 /// Parses `HTTP/1.1 200 OK` into 200.
 fn parse_status_line(line: &str) -> io::Result<u16> {
     let mut parts = line.splitn(3, ' ');

@@ -1,9 +1,12 @@
 //! Support library for the edge-filter end-to-end tests.
 //!
 //! The tests run the real thing: the release `.wasm` of the filter inside a real Envoy
-//! 1.40 ([`Envoy`], configured from the shipped `envoy/envoy.yaml`), in front of an origin
-//! the test controls ([`Upstream`]). Everything listens on 127.0.0.1 only, every wait is
-//! bounded, and every process and thread is stopped when its handle is dropped.
+//! 1.40 ([`Envoy`], configured from the shipped `envoy/envoy.yaml`) and inside the stock
+//! Debian nginx with the ngx-proxy-wasm module ([`Nginx`], configured from the shipped
+//! `nginx/conf/nginx.conf`), in front of an origin the test controls ([`Upstream`]). The
+//! scenarios both proxies must pass are one list ([`scenarios`]). Everything listens on
+//! 127.0.0.1 only, every wait is bounded, and every process and thread is stopped when
+//! its handle is dropped.
 //!
 //! The HTTP/1.1 client and server ([`http`]) and the Prometheus text parser
 //! ([`prometheus`]) are small, std only, and live here; JSON is `serde_json`. A real
@@ -13,12 +16,15 @@
 
 pub mod envoy;
 pub mod http;
+pub mod nginx;
 pub mod prometheus;
 pub mod prometheus_server;
+pub mod scenarios;
 pub mod upstream;
 
-pub use envoy::{Envoy, FailedStart};
+pub use envoy::{Envoy, FailedStart, ScratchDir};
 pub use http::{Headers, Response};
+pub use nginx::{Nginx, NginxConf};
 pub use prometheus::Exposition;
 pub use prometheus_server::PrometheusServer;
 pub use upstream::{BodyMode, RecordedRequest, Reply, Upstream};

@@ -463,6 +463,29 @@ mod tests {
     }
 
     #[test]
+    fn keep_alive_client_reuses_and_retries_a_closed_connection_once() {
+        let mut up = origin();
+        let mut c = http::KeepAliveClient::new(addr(&up));
+        for i in 0..3 {
+            let r = c.get(&format!("/ka{i}")).unwrap();
+            assert_eq!(r.text(), format!("GET /ka{i}"));
+        }
+        assert_eq!((c.connections, c.stale_retries), (1, 0));
+        // The server cuts the idle connection: the next GET goes again on a new one.
+        up.stop();
+        up.restart();
+        assert_eq!(c.get("/after").unwrap().text(), "GET /after");
+        assert_eq!((c.connections, c.stale_retries), (2, 1));
+        // A truncated body is an error, not a retry.
+        assert!(c.get("/cut").is_err());
+        assert_eq!(c.stale_retries, 1);
+        // Nothing listening: an error on a new connection, no retry.
+        up.stop();
+        assert!(c.get("/x").is_err());
+        assert_eq!(c.stale_retries, 1);
+    }
+
+    #[test]
     fn stop_refuses_connections_and_restart_reuses_the_port() {
         let mut up = origin();
         let port = up.port();

@@ -1,119 +1,13 @@
-//! Health endpoints, Prometheus metrics and configuration checking of the filter,
-//! end to end in a real Envoy. Each test has its own Envoy and origin.
+//! The filter's whole metrics contract as Envoy exposes it (envoy.yaml's stats tags and
+//! histogram buckets) and readiness under a full cache, end to end in a real Envoy. Each
+//! test has its own Envoy and origin. /healthz, /readyz following the upstream, hit/miss
+//! counts and a refused configuration are shared scenarios that nginx runs too
+//! (src/scenarios.rs, tests/scenarios_*.rs).
 
 use std::time::Duration;
 
-use edge_filter_e2e::{poll, Envoy, Exposition, Reply, Response, Upstream};
-use serde_json::Value;
-
-/// Health checks every 200 ms so readiness changes show within a second.
-const FAST_HEALTH: &str = r#"{"health": {"check_period_ms": 200, "check_timeout_ms": 500}}"#;
-
-fn health_json(r: &Response) -> Value {
-    let ct = r.header("content-type").unwrap_or("");
-    assert!(
-        ct.starts_with("application/health+json"),
-        "content-type {ct:?} for a health response"
-    );
-    serde_json::from_str(&r.text()).unwrap_or_else(|e| panic!("{e} in health body {:?}", r.text()))
-}
-
-fn status_of(doc: &Value) -> &str {
-    doc.get("status")
-        .and_then(Value::as_str)
-        .unwrap_or("<missing>")
-}
-
-/// Polls `/readyz` until it answers `want` (bounded); returns the last response.
-fn wait_readyz(envoy: &Envoy, want: u16, timeout: Duration) -> Response {
-    let mut last = None;
-    poll(timeout, Duration::from_millis(100), || {
-        let r = envoy.get("/readyz");
-        let done = r.status == want;
-        last = Some(r);
-        done.then_some(())
-    })
-    .unwrap_or_else(|| {
-        let r = last.as_ref().unwrap();
-        panic!(
-            "/readyz never answered {want} within {timeout:?}; last: {} {}",
-            r.status,
-            r.text()
-        )
-    });
-    last.unwrap()
-}
-
-#[test]
-fn healthz_is_answered_by_the_filter() {
-    let up = Upstream::origin(|_| Reply::new(404));
-    let envoy = Envoy::start(up.port(), "{}");
-    let r = envoy.get("/healthz");
-    assert_eq!(r.status, 200);
-    let doc = health_json(&r);
-    assert_eq!(status_of(&doc), "pass");
-    assert_eq!(doc.get("version").and_then(Value::as_str), Some("0.1.0"));
-    assert!(doc.get("releaseId").and_then(Value::as_str).is_some());
-    let uptime = doc
-        .pointer("/checks/uptime/0")
-        .unwrap_or_else(|| panic!("no checks.uptime[0] in {doc:?}"));
-    assert_eq!(
-        uptime.get("componentType").and_then(Value::as_str),
-        Some("system")
-    );
-    assert_eq!(
-        uptime.get("observedUnit").and_then(Value::as_str),
-        Some("s")
-    );
-    assert_eq!(uptime.get("status").and_then(Value::as_str), Some("pass"));
-    let secs = uptime.get("observedValue").and_then(Value::as_f64);
-    assert!(
-        matches!(secs, Some(s) if (0.0..600.0).contains(&s)),
-        "uptime {secs:?}"
-    );
-    assert_eq!(
-        up.count("/healthz"),
-        0,
-        "/healthz must not reach the origin"
-    );
-}
-
-#[test]
-fn readyz_follows_the_upstream() {
-    let mut up = Upstream::origin(|_| Reply::new(404));
-    let envoy = Envoy::start(up.port(), FAST_HEALTH);
-
-    let r = wait_readyz(&envoy, 200, Duration::from_secs(10));
-    let doc = health_json(&r);
-    assert!(
-        matches!(status_of(&doc), "pass" | "warn"),
-        "200 with status {}",
-        status_of(&doc)
-    );
-    let checks = doc.get("checks").expect("checks");
-    for key in [
-        "upstream:responseTime",
-        "cache:entries",
-        "cache:bytes",
-        "uptime",
-    ] {
-        assert!(
-            checks.get(key).is_some(),
-            "readyz lacks check {key}: {doc:?}"
-        );
-    }
-
-    up.stop();
-    let r = wait_readyz(&envoy, 503, Duration::from_secs(5));
-    assert_eq!(status_of(&health_json(&r)), "fail");
-
-    up.restart();
-    let r = wait_readyz(&envoy, 200, Duration::from_secs(10));
-    assert_eq!(status_of(&health_json(&r)), "pass");
-
-    assert_eq!(up.count("/readyz"), 0, "/readyz must not reach the origin");
-    assert!(up.count("/") >= 2, "the filter's health checks reach GET /");
-}
+use edge_filter_e2e::scenarios::{health_json, status_of, wait_readyz};
+use edge_filter_e2e::{poll, Envoy, Exposition, Reply, Upstream};
 
 /// Every metric of the contract, as named on /stats/prometheus (histograms by family).
 const CONTRACT_METRICS: [(&str, &str); 14] = [
@@ -300,30 +194,4 @@ fn a_full_cache_evicts_and_readiness_warns() {
         matches!(warned, Some(n) if n >= 1.0),
         "warn not counted: {warned:?}"
     );
-}
-
-#[test]
-fn bad_config_is_refused_and_names_the_field() {
-    let up = Upstream::origin(|_| Reply::new(404));
-    for (config, field) in [
-        (r#"{"cache": {"max_entries": "lots"}}"#, "max_entries"),
-        (r#"{"nope": 1}"#, "nope"),
-    ] {
-        let failed = Envoy::expect_start_failure(up.port(), config, Duration::from_secs(30));
-        assert!(!failed.became_ready, "Envoy started with {config}");
-        let status = failed
-            .status
-            .unwrap_or_else(|| panic!("Envoy neither started nor exited with {config}"));
-        assert!(!status.success(), "exit status {status} with {config}");
-        let error_lines: Vec<&str> = failed
-            .log
-            .lines()
-            .filter(|l| l.contains("[error]") || l.contains("[critical]"))
-            .collect();
-        assert!(
-            error_lines.iter().any(|l| l.contains(field)),
-            "no error line names `{field}` for {config}; errors:\n{}",
-            error_lines.join("\n")
-        );
-    }
 }

@@ -1,0 +1,418 @@
+//! nginx-only end-to-end tests of the module in the stock Debian nginx, with the shipped
+//! `nginx/conf/nginx.conf`: a trapping filter under both failure policies (the worker
+//! survives, nothing leaks), reloads under load with a changed filter configuration and
+//! a changed .wasm (no failed request), and 4 workers sharing one cache.
+//! A missing module fails with how to build it; `EDGE_FILTER_SKIP_NGINX=1` skips.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use edge_filter_e2e::envoy::wasm_path;
+use edge_filter_e2e::http::{self, KeepAliveClient};
+use edge_filter_e2e::nginx;
+use edge_filter_e2e::scenarios::{hit_ttl, shipped_plugin_config};
+use edge_filter_e2e::{CacheStatus, Nginx, NginxConf, Reply, ScratchDir, Upstream};
+
+/// The header that makes the test filter trap in `proxy_on_request_headers`.
+const TRAP_HEADER: &str = "x-trap";
+
+/// A Proxy-Wasm filter that traps (`unreachable`) when the request has an `x-trap`
+/// header, and otherwise passes everything, adding `x-filter: trap-filter` to responses
+/// so a test sees that it ran.
+const TRAP_FILTER_WAT: &str = r#"
+(module
+  (import "env" "proxy_get_header_map_value"
+    (func $get_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value"
+    (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 16) "x-trap")
+  (data (i32.const 32) "x-filter")
+  (data (i32.const 48) "trap-filter")
+  ;; A bump allocator for values the host returns, reset at each request.
+  (global $heap (mut i32) (i32.const 65536))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (global.set $heap (i32.const 65536))
+    ;; map 0 = request headers; result 0 = Ok, the header is there.
+    (if (i32.eqz (call $get_header (i32.const 0) (i32.const 16) (i32.const 6)
+                                   (i32.const 8) (i32.const 12)))
+      (then unreachable))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    ;; map 2 = response headers.
+    (drop (call $add_header (i32.const 2) (i32.const 32) (i32.const 8)
+                            (i32.const 48) (i32.const 11)))
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_abi_version_0_2_1")))
+"#;
+
+fn trap_filter_bytes() -> Vec<u8> {
+    wat::parse_str(TRAP_FILTER_WAT).expect("the test filter's WAT")
+}
+
+/// Writes `bytes` to `path` atomically (a reload must never read half a file).
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
+/// An origin answering `origin <path>` to everything; `/cached` may be stored.
+fn origin() -> Upstream {
+    Upstream::origin(|req| {
+        let r = Reply::text(format!("origin {}", req.path));
+        if req.path.starts_with("/cached") {
+            r.header("Cache-Control", "max-age=60")
+        } else {
+            r.header("Cache-Control", "no-store")
+        }
+    })
+}
+
+/// Starts nginx with `conf`, or says why the nginx tests cannot run.
+fn start(up: &Upstream, conf: &NginxConf) -> Nginx {
+    nginx::module_path().unwrap_or_else(|e| panic!("{e}"));
+    Nginx::try_start(up.port(), conf).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+/// One worker, the trap filter, `policy`: a trapping request gets `trapped`'s answer,
+/// the worker survives, the next request runs the filter again, and hundreds of traps
+/// leak nothing.
+fn trap_case(policy: &str, trapped: impl Fn(&http::Response, &Upstream)) {
+    let up = origin();
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("trap-filter.wasm");
+    write_atomically(&wasm, &trap_filter_bytes());
+    let nginx = start(
+        &up,
+        &NginxConf::new(1, "{}").wasm(&wasm).failure_policy(policy),
+    );
+    let workers = nginx.worker_pids().to_vec();
+
+    let ok = nginx.get("/before");
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.header("x-filter"),
+        Some("trap-filter"),
+        "the filter runs"
+    );
+
+    let r = nginx.request("GET", "/trap", &[(TRAP_HEADER, "1")], b"");
+    trapped(&r, &up);
+
+    // The worker survived (a crash makes the master start a new one) and the filter
+    // runs again on the next request, with a fresh VM.
+    let next = nginx.get("/after");
+    assert_eq!(next.status, 200);
+    assert_eq!(next.text(), "origin /after");
+    assert_eq!(next.header("x-filter"), Some("trap-filter"));
+    assert_eq!(nginx.running_workers(), workers, "the worker was replaced");
+    assert!(
+        nginx.error_log().contains("trapped"),
+        "the trap is not in the error log"
+    );
+
+    // A trap drops the VM; hundreds of them must not grow the worker.
+    let worker = workers[0];
+    for _ in 0..30 {
+        nginx.request("GET", "/trap", &[(TRAP_HEADER, "1")], b"");
+    }
+    let rss_before = rss_kib(worker);
+    for _ in 0..300 {
+        nginx.request("GET", "/trap", &[(TRAP_HEADER, "1")], b"");
+    }
+    let rss_after = rss_kib(worker);
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "worker RSS grew from {rss_before} to {rss_after} KiB over 300 traps"
+    );
+    assert_eq!(nginx.running_workers(), workers, "the worker was replaced");
+    nginx
+        .check_logs(&["trapped"])
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn trap_fails_open_the_request_reaches_the_upstream_unfiltered() {
+    if nginx::skipped() {
+        return;
+    }
+    trap_case("open", |r, up| {
+        assert_eq!(r.status, 200, "fail-open: {}", r.text());
+        assert_eq!(r.text(), "origin /trap");
+        assert_eq!(up.count("/trap"), 1, "the request reached the upstream");
+        let seen = up
+            .requests()
+            .into_iter()
+            .find(|q| q.path == "/trap")
+            .unwrap();
+        assert_eq!(seen.headers.get(TRAP_HEADER), Some("1"));
+        // As if there were no filter: the trapped filter does not see the response.
+        assert_eq!(r.header("x-filter"), None);
+    });
+}
+
+#[test]
+fn trap_fails_closed_with_500() {
+    if nginx::skipped() {
+        return;
+    }
+    trap_case("closed", |r, up| {
+        assert_eq!(r.status, 500, "fail-closed: {}", r.text());
+        assert_eq!(
+            up.count("/trap"),
+            0,
+            "a failed-closed request went upstream"
+        );
+    });
+}
+
+/// What the load clients saw.
+#[derive(Default, Debug)]
+struct LoadStats {
+    ok: usize,
+    failures: Vec<String>,
+    stale_retries: usize,
+    keepalive_connections: usize,
+}
+
+/// Clients requesting in a loop until stopped: one on keep-alive connections, one on a
+/// new connection per request. Every response must be 2xx.
+struct Load {
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<LoadStats>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The paths the load requests: hits, forwarded requests and the filter's own answer.
+const LOAD_PATHS: [&str; 3] = ["/cached/a", "/pass/b", "/healthz"];
+
+/// Upper bound for a load run, whatever happens to the test.
+const LOAD_MAX: Duration = Duration::from_secs(120);
+
+impl Load {
+    fn start(addr: SocketAddr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(LoadStats::default()));
+        let record = |stats: &Mutex<LoadStats>, path: &str, r: std::io::Result<http::Response>| {
+            let mut s = stats.lock().unwrap();
+            match r {
+                Ok(r) if (200..300).contains(&r.status) => s.ok += 1,
+                Ok(r) => s
+                    .failures
+                    .push(format!("GET {path}: {} {}", r.status, r.text())),
+                Err(e) => s.failures.push(format!("GET {path}: {e}")),
+            }
+        };
+        let mut threads = Vec::new();
+        {
+            let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+            threads.push(thread::spawn(move || {
+                let mut client = KeepAliveClient::new(addr);
+                let t0 = Instant::now();
+                for i in 0.. {
+                    if stop.load(Ordering::SeqCst) || t0.elapsed() > LOAD_MAX {
+                        break;
+                    }
+                    let path = LOAD_PATHS[i % LOAD_PATHS.len()];
+                    record(&stats, path, client.get(path));
+                    thread::sleep(Duration::from_millis(1));
+                }
+                let mut s = stats.lock().unwrap();
+                s.stale_retries = client.stale_retries;
+                s.keepalive_connections = client.connections;
+            }));
+        }
+        {
+            let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+            threads.push(thread::spawn(move || {
+                let t0 = Instant::now();
+                for i in 0.. {
+                    if stop.load(Ordering::SeqCst) || t0.elapsed() > LOAD_MAX {
+                        break;
+                    }
+                    let path = LOAD_PATHS[i % LOAD_PATHS.len()];
+                    record(&stats, path, http::send(addr, "GET", path, &[], b""));
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }));
+        }
+        Load {
+            stop,
+            stats,
+            threads,
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.stats.lock().unwrap().ok
+    }
+
+    /// Waits (bounded) until `n` more requests succeeded.
+    fn wait_for(&self, n: usize) {
+        let target = self.ok() + n;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.ok() < target {
+            assert!(
+                Instant::now() < deadline,
+                "the load stalled at {}",
+                self.ok()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finish(self) -> LoadStats {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("load thread panicked");
+        }
+        Arc::try_unwrap(self.stats)
+            .expect("load threads joined")
+            .into_inner()
+            .unwrap()
+    }
+}
+
+#[test]
+fn reload_under_load_fails_no_request() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = origin();
+    let dir = ScratchDir::new().expect("scratch dir");
+    // The .wasm nginx loads; the test replaces its contents between reloads.
+    let wasm = dir.0.join("filter.wasm");
+    let edge_filter = fs::read(wasm_path().unwrap_or_else(|e| panic!("{e}"))).unwrap();
+    write_atomically(&wasm, &edge_filter);
+    let shipped = NginxConf::new(2, &shipped_plugin_config()).wasm(&wasm);
+    let mut nginx = start(&up, &shipped);
+    let probe = |nginx: &Nginx| nginx.get("/pass/probe");
+    assert!(probe(&nginx).header("cache-status").is_some());
+
+    let load = Load::start(nginx.listener_addr());
+    load.wait_for(50);
+
+    // 1. A changed filter configuration: Cache-Status turned off.
+    let quiet = NginxConf::new(2, r#"{"cache": {"cache_status": false}}"#).wasm(&wasm);
+    nginx.reconfigure(&quiet).unwrap_or_else(|e| panic!("{e}"));
+    let r = probe(&nginx);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("cache-status"),
+        None,
+        "the new config is not in effect"
+    );
+    load.wait_for(50);
+
+    // 2. A changed .wasm at the same path: the trap filter (which passes everything).
+    write_atomically(&wasm, &trap_filter_bytes());
+    nginx.reload().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(probe(&nginx).header("x-filter"), Some("trap-filter"));
+    load.wait_for(50);
+
+    // 3. Back to edge-filter with the shipped configuration.
+    write_atomically(&wasm, &edge_filter);
+    nginx
+        .reconfigure(&shipped)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(probe(&nginx).header("cache-status").is_some());
+    load.wait_for(50);
+
+    let stats = load.finish();
+    eprintln!("reload under load: {stats:?}");
+    assert!(
+        stats.failures.is_empty(),
+        "{} of {} requests failed across 3 reloads:\n{}",
+        stats.failures.len(),
+        stats.ok + stats.failures.len(),
+        stats.failures[..stats.failures.len().min(10)].join("\n")
+    );
+    assert!(stats.ok >= 200, "only {} requests", stats.ok);
+    // Each reload moved the keep-alive client off its old worker onto a new connection.
+    assert!(
+        stats.keepalive_connections >= 4,
+        "the keep-alive client used {} connection(s) across 3 reloads",
+        stats.keepalive_connections
+    );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn four_workers_share_one_cache() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = origin();
+    let conf = NginxConf::new(4, &shipped_plugin_config())
+        .listener_line("add_header X-Worker $pid always;");
+    let nginx = start(&up, &conf);
+    let worker = |r: &http::Response| -> String {
+        r.header("x-worker")
+            .unwrap_or_else(|| panic!("no X-Worker in {:?}", r.headers))
+            .to_string()
+    };
+
+    let miss = nginx.get("/cached/shared");
+    assert_eq!(
+        miss.header("cache-status"),
+        Some("edge-filter; fwd=uri-miss; fwd-status=200; stored")
+    );
+    let first = worker(&miss);
+    assert!(
+        nginx.worker_pids().iter().any(|p| p.to_string() == first),
+        "X-Worker {first} is not one of {:?}",
+        nginx.worker_pids()
+    );
+
+    // New connections until another worker answers (the kernel picks the worker).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tries = 0;
+    let other = loop {
+        tries += 1;
+        let r = nginx.get("/cached/shared");
+        assert_eq!(r.text(), "origin /cached/shared");
+        if worker(&r) != first {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline && tries < 2000,
+            "{tries} connections, all answered by worker {first}"
+        );
+    };
+    hit_ttl(&other);
+    assert!(CacheStatus::of(&other).has("hit"));
+    assert_eq!(
+        up.count("/cached/shared"),
+        1,
+        "the other worker went to the origin"
+    );
+    eprintln!(
+        "worker {first} stored, worker {} hit after {tries} connection(s)",
+        worker(&other)
+    );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
