@@ -240,7 +240,14 @@ extern "C" fn set_proxy_wasm_module(
         if conf.plugins.iter().any(|p| &p.name == name) {
             return Err(format!("proxy_wasm_module \"{name}\" is already defined"));
         }
-        let p = Plugin::load(engine(), name, path).map_err(|e| e.to_string())?;
+        // Relative to nginx's prefix (-p), as load_module and include are.
+        let path = if path.starts_with('/') {
+            path.clone()
+        } else {
+            let prefix = unsafe { (*(*cf).cycle).prefix.as_bytes() };
+            format!("{}{}", String::from_utf8_lossy(prefix), path)
+        };
+        let p = Plugin::load(engine(), name, &path).map_err(|e| e.to_string())?;
         conf.plugins.push(p);
         Ok(())
     }));

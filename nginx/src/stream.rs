@@ -567,31 +567,36 @@ pub(crate) extern "C" fn response_header_filter(r: *mut ngx_http_request_t) -> n
     }
 }
 
-/// One input link's bytes: memory buffers as they are, file buffers (bodies spooled to
-/// proxy temp files) read from their file.
-unsafe fn link_bytes(b: *mut ngx_buf_t) -> Result<Vec<u8>, String> {
+/// The most bytes of a file buffer read at once: a body spooled to a proxy temp file
+/// reaches the filter in pieces of this size, as it would stream.
+pub const FILE_PIECE: usize = 256 << 10;
+
+/// One input link's bytes, in pieces: a memory buffer as one piece, a file buffer (a body
+/// spooled to a proxy temp file) read back from its file in pieces of [`FILE_PIECE`].
+unsafe fn link_pieces(b: *mut ngx_buf_t) -> Result<Vec<Vec<u8>>, String> {
     if (*b).in_file() != 0 && (*b).temporary() == 0 && (*b).memory() == 0 && (*b).mmap() == 0 {
         let f = (*b).file;
         let (start, end) = ((*b).file_pos, (*b).file_last);
         if f.is_null() || end <= start {
             return Ok(Vec::new());
         }
-        let len = (end - start) as usize;
-        if len > MAX_BUFFERED_BODY {
-            return Err(format!(
-                "file buffer of {len} bytes exceeds {MAX_BUFFERED_BODY}"
-            ));
+        let mut pieces = Vec::new();
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(FILE_PIECE);
+            let mut piece = vec![0u8; n];
+            read_at((*f).fd, &mut piece, at as u64).map_err(|e| {
+                let name = String::from_utf8_lossy((*f).name.as_bytes()).into_owned();
+                format!("cannot read the response body from {name}: {e}")
+            })?;
+            pieces.push(piece);
+            at += n as i64;
         }
-        let mut out = vec![0u8; len];
-        read_at((*f).fd, &mut out, start as u64).map_err(|e| {
-            let name = String::from_utf8_lossy((*f).name.as_bytes()).into_owned();
-            format!("cannot read response body from {name}: {e}")
-        })?;
-        return Ok(out);
+        return Ok(pieces);
     }
     if (*b).last > (*b).pos {
         let len = (*b).last.offset_from((*b).pos) as usize;
-        return Ok(std::slice::from_raw_parts((*b).pos, len).to_vec());
+        return Ok(vec![std::slice::from_raw_parts((*b).pos, len).to_vec()]);
     }
     Ok(Vec::new())
 }
@@ -734,26 +739,45 @@ unsafe fn response_body(
             continue;
         }
         let eos = (*b).last_buf() != 0;
-        let data = link_bytes(b)?;
-        if data.is_empty() && !eos {
+        let pieces = link_pieces(b)?;
+        if pieces.is_empty() && !eos {
             out.push(b);
             continue;
         }
-        match body_chunk(ctx, data, eos)? {
-            Out::Same => out.push(b),
-            Out::Replaced(bytes) => {
-                touched = true;
-                consume(b);
-                if bytes.is_empty() && !eos && (*b).flush() == 0 {
-                    continue;
-                }
-                let nb = memory_buf(r, &bytes).ok_or("out of memory")?;
-                (*nb).set_last_buf((*b).last_buf());
-                (*nb).set_last_in_chain((*b).last_in_chain());
-                (*nb).set_flush((*b).flush());
-                out.push(nb);
-            }
+        let n = pieces.len().max(1);
+        let mut outs = Vec::with_capacity(n);
+        let mut same = true;
+        for (k, piece) in pieces
+            .into_iter()
+            .chain(std::iter::once(Vec::new()))
+            .take(n)
+            .enumerate()
+        {
+            // Only the link's last piece carries its end of stream.
+            // A link of one piece that stays the same is passed on as it is: no copy.
+            let copy = (n > 1).then(|| piece.clone());
+            let o = body_chunk(ctx, piece, eos && k + 1 == n)?;
+            same &= matches!(o, Out::Same);
+            outs.push(match o {
+                Out::Same => copy.unwrap_or_default(),
+                Out::Replaced(bytes) => bytes,
+            });
         }
+        if same {
+            out.push(b);
+            continue;
+        }
+        touched = true;
+        consume(b);
+        let bytes = outs.concat();
+        if bytes.is_empty() && !eos && (*b).flush() == 0 {
+            continue;
+        }
+        let nb = memory_buf(r, &bytes).ok_or("out of memory")?;
+        (*nb).set_last_buf((*b).last_buf());
+        (*nb).set_last_in_chain((*b).last_in_chain());
+        (*nb).set_flush((*b).flush());
+        out.push(nb);
     }
     if !touched {
         return Ok(input);
