@@ -13,6 +13,8 @@
 #![deny(missing_docs)]
 
 pub mod host;
+pub mod http1;
+pub mod upstream;
 pub mod vm;
 
 use std::cell::RefCell;
