@@ -8,14 +8,18 @@
 //! - `proxy_wasm NAME [CONFIG];` (server, location): adds a filter to the chain.
 //!
 //! The request headers reach each filter in the rewrite phase; a local response ends the
-//! request there.
+//! request there. Each worker makes the filters' VMs when it starts; their root contexts
+//! tick on nginx timers and call upstreams with the module's own client ([`worker`],
+//! [`client`]).
 
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod host;
 pub mod http1;
 pub mod upstream;
 pub mod vm;
+pub mod worker;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -67,6 +71,8 @@ fn engine() -> &'static Engine {
 #[derive(Default)]
 pub struct MainConf {
     plugins: Vec<Plugin>,
+    /// Every `proxy_wasm` directive, so each worker makes their VMs when it starts.
+    filters: Vec<FilterRef>,
 }
 
 /// One `proxy_wasm` directive: a filter in a chain.
@@ -183,6 +189,8 @@ pub static mut ngx_http_proxy_wasm_module: ngx_module_t = ngx_module_t {
     ctx: std::ptr::addr_of!(MODULE_CTX) as _,
     commands: std::ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
     type_: NGX_HTTP_MODULE as _,
+    init_process: Some(worker::init_process),
+    exit_process: Some(worker::exit_process),
     ..ngx_module_t::default()
 };
 
@@ -270,11 +278,15 @@ extern "C" fn set_proxy_wasm(
         // refuses (or a module that cannot be instantiated).
         PluginVm::new(engine(), &plugin, &config, log_to_nginx, LogLevel::Warn)
             .map_err(|e| format!("proxy_wasm \"{name}\": {e}"))?;
-        lc.filters.push(FilterRef {
+        let filter = FilterRef {
             id: NEXT_FILTER_ID.fetch_add(1, Ordering::Relaxed),
             plugin,
             config,
-        });
+        };
+        if let Some(main) = Module::main_conf_mut(unsafe { &*cf }) {
+            main.filters.push(filter.clone());
+        }
+        lc.filters.push(filter);
         Ok(())
     }));
     conf_result(cf, r)
@@ -304,11 +316,26 @@ fn with_vm<R>(
             )?),
         };
         let r = f(vm);
-        if r.is_err() {
-            vms.remove(&filter.id);
+        match &r {
+            // Ticks and calls the filter asked for start after its callback.
+            Ok(_) => worker::after_callback(filter, vm, false),
+            Err(_) => {
+                let generation = vm.generation();
+                vms.remove(&filter.id);
+                // Its timer stops and its calls end: nothing of it reaches the next VM.
+                worker::vm_dropped(filter, generation);
+            }
         }
         r
     })
+}
+
+/// Called after each `proxy_on_tick` and `proxy_on_http_call_response` of `filter`'s VM
+/// (from nginx's event loop, no VM borrowed), to apply what the root context queued for
+/// streams during the callback (resuming or answering paused requests).
+/// TODO(issue 5): the lead fills this in with pause/resume.
+pub(crate) fn after_root_callback(filter: &FilterRef) {
+    let _ = filter;
 }
 
 /// Per-request state: which stream context each filter of the chain opened. Dropped
