@@ -521,3 +521,109 @@ impl WasiHost for HostState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{MAX_CALLS_IN_FLIGHT, MAX_CALL_TIMEOUT};
+    use crate::upstream::{Cluster, Clusters};
+
+    fn quiet(_: LogLevel, _: &str) {}
+
+    fn call(upstream: &str, headers: &[(&str, &str)], timeout_ms: u64) -> HttpCallRequest {
+        HttpCallRequest {
+            upstream: upstream.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+            body: Vec::new(),
+            trailers: Vec::new(),
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    const GET: &[(&str, &str)] = &[(":method", "GET"), (":path", "/"), (":authority", "a")];
+
+    #[test]
+    fn http_call_queues_a_call_for_a_known_cluster() {
+        upstream::install(Clusters::new(vec![Cluster::new(
+            "upstream",
+            vec![upstream::literal("127.0.0.1:9").unwrap()],
+        )]));
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        h.effective = 7;
+        let t1 = h.http_call(call("upstream", GET, 250)).unwrap();
+        let t2 = h.http_call(call("127.0.0.1:10", GET, 0)).unwrap();
+        assert_ne!(t1, t2);
+        assert_eq!(h.outgoing.len(), 2);
+        let (a, b) = (&h.outgoing[0], &h.outgoing[1]);
+        assert_eq!(
+            (a.token, a.context, a.peer.name.as_str()),
+            (t1, 7, "127.0.0.1:9")
+        );
+        assert_eq!(a.timeout, Duration::from_millis(250));
+        assert!(a
+            .request
+            .bytes
+            .starts_with(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert_eq!(b.peer.name, "127.0.0.1:10");
+        // No timeout means the bound, never "for ever".
+        assert_eq!(b.timeout, MAX_CALL_TIMEOUT);
+    }
+
+    #[test]
+    fn http_call_refusals_are_envoys() {
+        upstream::install(Clusters::default());
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        assert_eq!(h.http_call(call("nope", GET, 1)), Err(Status::BadArgument));
+        let no_path = &[(":method", "GET"), (":authority", "a")];
+        assert_eq!(
+            h.http_call(call("127.0.0.1:9", no_path, 1)),
+            Err(Status::BadArgument)
+        );
+        assert!(h.outgoing.is_empty());
+        for _ in 0..MAX_CALLS_IN_FLIGHT {
+            h.http_call(call("127.0.0.1:9", GET, 1)).unwrap();
+        }
+        assert_eq!(
+            h.http_call(call("127.0.0.1:9", GET, 1)),
+            Err(Status::InternalFailure)
+        );
+    }
+
+    #[test]
+    fn tick_period_changes_are_flagged_from_any_context() {
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        h.effective = 5;
+        h.set_tick_period(Duration::from_millis(1)).unwrap();
+        assert!(h.tick_changed);
+        assert_eq!(h.tick_period, Some(Duration::from_millis(1)));
+        h.tick_changed = false;
+        h.set_tick_period(Duration::ZERO).unwrap();
+        assert!(h.tick_changed);
+        assert_eq!(h.tick_period, None);
+    }
+
+    #[test]
+    fn the_call_response_is_readable_only_while_delivered() {
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        let t = MapType::HttpCallResponseHeaders;
+        assert_eq!(h.map_value(t, b":status"), Err(Status::BadArgument));
+        assert_eq!(
+            h.buffer_len(BufferType::HttpCallResponseBody),
+            Err(Status::NotFound)
+        );
+        h.call_response = Some(http1::gateway_timeout());
+        assert_eq!(h.map_value(t, b":status"), Ok(b"504".to_vec()));
+        assert_eq!(h.buffer_len(BufferType::HttpCallResponseBody), Ok(24));
+        assert_eq!(
+            h.buffer_read(BufferType::HttpCallResponseBody, 0, 8),
+            Ok(b"upstream".to_vec())
+        );
+        assert_eq!(
+            h.map_pairs(MapType::HttpCallResponseTrailers),
+            Ok(Vec::new())
+        );
+    }
+}
