@@ -3,7 +3,10 @@
 #   - `nginx -t` accepts a config that loads edge_filter.wasm and refuses a bad .wasm and a
 #     configuration the filter refuses;
 #   - GET /healthz is answered by the filter (200, application/health+json, "status":"pass");
-#   - other paths still reach the upstream through proxy_pass.
+#   - other paths still reach the upstream through proxy_pass;
+#   - root contexts (a second nginx, a Python origin): ticks with no traffic, /readyz
+#     following the origin, an unknown cluster, a call timeout, a background refresh,
+#     reload and quit not held up by timers or calls.
 # Starts nginx on 127.0.0.1 with a temporary prefix and stops it; every wait is bounded.
 # Needs: ./prepare.sh, the module built (see README.md) and edge_filter.wasm built.
 set -euo pipefail
