@@ -2,6 +2,8 @@
 //! core ([`proxy_wasm_harness::abi`]) calls into. Only nginx-specific state lives here;
 //! reading and writing guest memory, statuses and limits are the core's.
 
+use crate::http1::{self, Response};
+use crate::upstream::{self, Peer};
 use proxy_wasm_harness::abi::{
     buffers::{envoy_copy_from, BufferHost},
     clock::ClockHost,
@@ -66,6 +68,28 @@ pub enum StreamAction {
 /// A guest log line, handed to nginx's error log by the embedder.
 pub type LogSink = fn(LogLevel, &str);
 
+/// An `http_call` the guest made during a callback. The embedder starts it on nginx's
+/// event loop once the callback has returned (Envoy, too, answers only later).
+#[derive(Debug)]
+pub struct OutgoingCall {
+    /// The call's token, as the guest got it.
+    pub token: u32,
+    /// The context that made the call; its answer goes back to it.
+    pub context: u32,
+    /// The cluster name the guest gave (for logs).
+    pub cluster: String,
+    /// Where to connect.
+    pub peer: Peer,
+    /// The request on the wire.
+    pub request: http1::Request,
+    /// The call's timeout, bounded by [`crate::client::MAX_CALL_TIMEOUT`].
+    pub timeout: Duration,
+}
+
+/// Most unknown cluster names a VM warns about (each once), so a misconfigured filter
+/// calling every tick does not flood the error log.
+pub const MAX_WARNED_CLUSTERS: usize = 64;
+
 /// The per-VM host state (a Wasmtime store's data).
 pub struct HostState {
     abi: AbiState,
@@ -100,6 +124,17 @@ pub struct HostState {
     pub properties: Vec<(Vec<u8>, Vec<u8>)>,
     /// The tick period the root context asked for.
     pub tick_period: Option<Duration>,
+    /// Set when the filter called `set_tick_period` (from any context): the embedder
+    /// re-arms the tick timer after the callback.
+    pub tick_changed: bool,
+    /// Calls made during the current callback, not started yet.
+    pub outgoing: Vec<OutgoingCall>,
+    /// The `http_call` answer, readable only during `on_http_call_response`.
+    pub call_response: Option<Response>,
+    /// What `proxy_get_status` reads: a failed call's `BrokenConnection`/`reset`.
+    pub status: (u32, Vec<u8>),
+    next_token: u32,
+    warned_clusters: HashSet<String>,
     metric_ids: MetricIds,
     log: LogSink,
     log_level: LogLevel,
@@ -131,6 +166,12 @@ impl HostState {
             body_dirty: false,
             properties: Vec::new(),
             tick_period: None,
+            tick_changed: false,
+            outgoing: Vec::new(),
+            call_response: None,
+            status: (0, Vec::new()),
+            next_token: 0,
+            warned_clusters: HashSet::new(),
             metric_ids: MetricIds::default(),
             log,
             log_level,
@@ -148,6 +189,10 @@ impl HostState {
         match t {
             MapType::HttpRequestHeaders => self.request_headers.as_mut(),
             MapType::HttpResponseHeaders => self.response_headers.as_mut(),
+            MapType::HttpCallResponseHeaders => self.call_response.as_mut().map(|r| &mut r.headers),
+            MapType::HttpCallResponseTrailers => {
+                self.call_response.as_mut().map(|r| &mut r.trailers)
+            }
             _ => None,
         }
         .ok_or(Status::BadArgument)
@@ -198,8 +243,10 @@ impl ClockHost for HostState {
         monotonic_base().elapsed().as_nanos() as u64
     }
     fn set_tick_period(&mut self, period: Duration) -> HostResult<()> {
-        // TODO(issue 5): drive on_tick from an nginx timer.
+        // Applied to the root context's nginx timer when the callback returns (any
+        // context may call it: edge-filter wakes its root from a request this way).
         self.tick_period = (!period.is_zero()).then_some(period);
+        self.tick_changed = true;
         Ok(())
     }
 }
@@ -213,6 +260,11 @@ impl BufferHost for HostState {
                 .map(Vec::len)
                 .ok_or(Status::NotFound),
             BufferType::VmConfiguration => Ok(0),
+            BufferType::HttpCallResponseBody => self
+                .call_response
+                .as_ref()
+                .map(|r| r.body.len())
+                .ok_or(Status::NotFound),
             BufferType::HttpRequestBody | BufferType::HttpResponseBody => Ok(self
                 .body
                 .as_ref()
@@ -228,6 +280,11 @@ impl BufferHost for HostState {
                 self.plugin_config.as_deref().ok_or(Status::NotFound)?
             }
             BufferType::VmConfiguration => &[],
+            BufferType::HttpCallResponseBody => self
+                .call_response
+                .as_ref()
+                .map(|r| r.body.as_slice())
+                .ok_or(Status::NotFound)?,
             BufferType::HttpRequestBody | BufferType::HttpResponseBody => self
                 .body
                 .as_ref()
@@ -366,14 +423,64 @@ impl StreamHost for HostState {
 }
 
 impl HttpCallHost for HostState {
-    fn http_call(&mut self, _call: HttpCallRequest) -> HostResult<u32> {
-        // TODO(issue 5): named upstreams. An unknown cluster is BadArgument, as in Envoy.
-        Err(Status::BadArgument)
+    fn http_call(&mut self, call: HttpCallRequest) -> HostResult<u32> {
+        // As Envoy: an unknown cluster, then missing pseudo-headers, are BadArgument.
+        let Some(peer) = upstream::resolve(&call.upstream) else {
+            if self.warned_clusters.len() < MAX_WARNED_CLUSTERS
+                && self.warned_clusters.insert(call.upstream.clone())
+            {
+                (self.log)(
+                    LogLevel::Warn,
+                    &format!(
+                        "http_call to unknown cluster \"{}\": no `upstream` block of that \
+                         name, and not an IP:port (answered BadArgument)",
+                        call.upstream
+                    ),
+                );
+            }
+            return Err(Status::BadArgument);
+        };
+        let request = http1::serialize_request(&call.headers, &call.body).map_err(|e| {
+            (self.log)(LogLevel::Warn, &e.to_string());
+            Status::BadArgument
+        })?;
+        if crate::client::live_calls() + self.outgoing.len() >= crate::client::MAX_CALLS_IN_FLIGHT {
+            (self.log)(
+                LogLevel::Warn,
+                &format!(
+                    "http_call to \"{}\" refused: {} calls in flight in this worker",
+                    call.upstream,
+                    crate::client::MAX_CALLS_IN_FLIGHT
+                ),
+            );
+            return Err(Status::InternalFailure);
+        }
+        // No timeout (0) would wait for ever: every call gets the bound.
+        let timeout = if call.timeout.is_zero() {
+            crate::client::MAX_CALL_TIMEOUT
+        } else {
+            call.timeout.min(crate::client::MAX_CALL_TIMEOUT)
+        };
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        self.outgoing.push(OutgoingCall {
+            token: self.next_token,
+            context: self.effective,
+            cluster: call.upstream,
+            peer,
+            request,
+            timeout,
+        });
+        Ok(self.next_token)
     }
 }
 
-// No gRPC in nginx: the trait's defaults answer Unimplemented.
-impl GrpcHost for HostState {}
+// No gRPC in nginx: the trait's defaults answer Unimplemented. The status is that of a
+// failed http_call.
+impl GrpcHost for HostState {
+    fn status(&mut self) -> (u32, Vec<u8>) {
+        self.status.clone()
+    }
+}
 
 impl SharedDataHost for HostState {
     fn get_shared_data(&mut self, key: &str) -> HostResult<(Vec<u8>, u32)> {
@@ -451,5 +558,111 @@ impl WasiHost for HostState {
             let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{MAX_CALLS_IN_FLIGHT, MAX_CALL_TIMEOUT};
+    use crate::upstream::{Cluster, Clusters};
+
+    fn quiet(_: LogLevel, _: &str) {}
+
+    fn call(upstream: &str, headers: &[(&str, &str)], timeout_ms: u64) -> HttpCallRequest {
+        HttpCallRequest {
+            upstream: upstream.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+            body: Vec::new(),
+            trailers: Vec::new(),
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    const GET: &[(&str, &str)] = &[(":method", "GET"), (":path", "/"), (":authority", "a")];
+
+    #[test]
+    fn http_call_queues_a_call_for_a_known_cluster() {
+        upstream::install(Clusters::new(vec![Cluster::new(
+            "upstream",
+            vec![upstream::literal("127.0.0.1:9").unwrap()],
+        )]));
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        h.effective = 7;
+        let t1 = h.http_call(call("upstream", GET, 250)).unwrap();
+        let t2 = h.http_call(call("127.0.0.1:10", GET, 0)).unwrap();
+        assert_ne!(t1, t2);
+        assert_eq!(h.outgoing.len(), 2);
+        let (a, b) = (&h.outgoing[0], &h.outgoing[1]);
+        assert_eq!(
+            (a.token, a.context, a.peer.name.as_str()),
+            (t1, 7, "127.0.0.1:9")
+        );
+        assert_eq!(a.timeout, Duration::from_millis(250));
+        assert!(a
+            .request
+            .bytes
+            .starts_with(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert_eq!(b.peer.name, "127.0.0.1:10");
+        // No timeout means the bound, never "for ever".
+        assert_eq!(b.timeout, MAX_CALL_TIMEOUT);
+    }
+
+    #[test]
+    fn http_call_refusals_are_envoys() {
+        upstream::install(Clusters::default());
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        assert_eq!(h.http_call(call("nope", GET, 1)), Err(Status::BadArgument));
+        let no_path = &[(":method", "GET"), (":authority", "a")];
+        assert_eq!(
+            h.http_call(call("127.0.0.1:9", no_path, 1)),
+            Err(Status::BadArgument)
+        );
+        assert!(h.outgoing.is_empty());
+        for _ in 0..MAX_CALLS_IN_FLIGHT {
+            h.http_call(call("127.0.0.1:9", GET, 1)).unwrap();
+        }
+        assert_eq!(
+            h.http_call(call("127.0.0.1:9", GET, 1)),
+            Err(Status::InternalFailure)
+        );
+    }
+
+    #[test]
+    fn tick_period_changes_are_flagged_from_any_context() {
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        h.effective = 5;
+        h.set_tick_period(Duration::from_millis(1)).unwrap();
+        assert!(h.tick_changed);
+        assert_eq!(h.tick_period, Some(Duration::from_millis(1)));
+        h.tick_changed = false;
+        h.set_tick_period(Duration::ZERO).unwrap();
+        assert!(h.tick_changed);
+        assert_eq!(h.tick_period, None);
+    }
+
+    #[test]
+    fn the_call_response_is_readable_only_while_delivered() {
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        let t = MapType::HttpCallResponseHeaders;
+        assert_eq!(h.map_value(t, b":status"), Err(Status::BadArgument));
+        assert_eq!(
+            h.buffer_len(BufferType::HttpCallResponseBody),
+            Err(Status::NotFound)
+        );
+        h.call_response = Some(http1::gateway_timeout());
+        assert_eq!(h.map_value(t, b":status"), Ok(b"504".to_vec()));
+        assert_eq!(h.buffer_len(BufferType::HttpCallResponseBody), Ok(24));
+        assert_eq!(
+            h.buffer_read(BufferType::HttpCallResponseBody, 0, 8),
+            Ok(b"upstream".to_vec())
+        );
+        assert_eq!(
+            h.map_pairs(MapType::HttpCallResponseTrailers),
+            Ok(Vec::new())
+        );
     }
 }

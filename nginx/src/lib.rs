@@ -8,14 +8,20 @@
 //! - `proxy_wasm NAME [CONFIG];` (server, location): adds a filter to the chain.
 //!
 //! The request headers reach each filter in the rewrite phase; a local response ends the
-//! request there.
+//! request there. Each worker makes the filters' VMs when it starts; their root contexts
+//! tick on nginx timers and call upstreams with the module's own client ([`worker`],
+//! [`client`]).
 
 #![deny(missing_docs)]
 
+pub mod client;
 mod headers;
 pub mod host;
+pub mod http1;
 mod stream;
+pub mod upstream;
 pub mod vm;
+pub mod worker;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -66,6 +72,8 @@ fn engine() -> &'static Engine {
 #[derive(Default)]
 pub struct MainConf {
     plugins: Vec<Plugin>,
+    /// Every `proxy_wasm` directive, so each worker makes their VMs when it starts.
+    filters: Vec<FilterRef>,
 }
 
 /// One `proxy_wasm` directive: a filter in a chain.
@@ -187,6 +195,9 @@ static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
 };
 
 /// The `ngx_modules` tables `load_module` reads (a macro of the `ngx` crate, undocumented).
+/// Left out of unit-test builds: the test executable cannot link nginx's symbols, and
+/// without these roots the linker drops everything that needs them.
+#[cfg(not(test))]
 #[allow(missing_docs)]
 mod exported {
     use super::ngx_http_proxy_wasm_module;
@@ -194,12 +205,14 @@ mod exported {
 }
 
 /// The module, as nginx sees it.
-#[used]
+#[cfg_attr(not(test), used)]
 #[allow(non_upper_case_globals)]
 pub static mut ngx_http_proxy_wasm_module: ngx_module_t = ngx_module_t {
     ctx: std::ptr::addr_of!(MODULE_CTX) as _,
     commands: std::ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
     type_: NGX_HTTP_MODULE as _,
+    init_process: Some(worker::init_process),
+    exit_process: Some(worker::exit_process),
     ..ngx_module_t::default()
 };
 
@@ -319,21 +332,25 @@ extern "C" fn set_proxy_wasm(
         // refuses (or a module that cannot be instantiated).
         PluginVm::new(engine(), &plugin, &config, log_to_nginx, LogLevel::Warn)
             .map_err(|e| format!("proxy_wasm \"{name}\": {e}"))?;
-        lc.filters.push(FilterRef {
+        let filter = FilterRef {
             id: NEXT_FILTER_ID.fetch_add(1, Ordering::Relaxed),
             plugin,
             config,
-        });
+        };
+        if let Some(main) = Module::main_conf_mut(unsafe { &*cf }) {
+            main.filters.push(filter.clone());
+        }
+        lc.filters.push(filter);
         Ok(())
     }));
     conf_result(cf, r)
 }
 
 thread_local! {
-    /// This worker's VMs, one per `proxy_wasm` directive, made on first use, each with the
-    /// generation it was made in (a replaced VM's streams must not reach its successor).
-    static VMS: RefCell<HashMap<usize, (u64, PluginVm)>> = RefCell::new(HashMap::new());
-    static NEXT_GEN: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
+    /// This worker's VMs, one per `proxy_wasm` directive, made at worker start or on first
+    /// use. Each knows its generation: a replaced VM's streams, timers and calls never
+    /// reach its successor.
+    pub(crate) static VMS: RefCell<HashMap<usize, PluginVm>> = RefCell::new(HashMap::new());
 }
 
 /// What a callback run on a VM returned, with the stream actions it queued for streams
@@ -347,32 +364,34 @@ pub(crate) struct VmRun<R> {
 
 /// Runs `f` on the worker's VM for `filter` (with the VM's generation), making the VM if
 /// needed. A VM that trapped or failed is dropped, so the next request gets a fresh one
-/// (no leak, no broken state), and requests paused on it are woken to fail. Actions the
-/// filter queued for paused requests are applied after `f`, outside the VM.
+/// (no leak, no broken state): its timer stops, its calls end, and requests paused on it
+/// are woken to get the failure policy. After `f`, ticks and calls the filter asked for
+/// start, and actions it queued for paused requests are applied (outside the VM).
 pub(crate) fn with_vm<R>(
     filter: &FilterRef,
     f: impl FnOnce(&mut PluginVm, u64) -> Result<R, VmError>,
 ) -> Result<VmRun<R>, VmError> {
     let r = VMS.with(|vms| {
         let mut vms = vms.borrow_mut();
-        let (gen, vm) = match vms.entry(filter.id) {
+        let vm = match vms.entry(filter.id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let vm = PluginVm::new(
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                PluginVm::new(
                     engine(),
                     &filter.plugin,
                     &filter.config,
                     log_to_nginx,
                     LogLevel::Info,
                 )
-                .map_err(|e| (e, 0))?;
-                let gen = NEXT_GEN.with(|g| g.replace(g.get() + 1));
-                e.insert((gen, vm))
-            }
+                .map_err(|e| (e, 0))?,
+            ),
         };
-        let gen = *gen;
+        let gen = vm.generation();
         match f(vm, gen) {
-            Ok(value) => Ok((value, gen, vm.take_actions())),
+            Ok(value) => {
+                worker::after_callback(filter, vm, false);
+                Ok((value, gen, vm.take_actions()))
+            }
             Err(e) => {
                 vms.remove(&filter.id);
                 Err((e, gen))
@@ -385,7 +404,10 @@ pub(crate) fn with_vm<R>(
             actions: stream::route_actions(filter.id, gen, actions),
         }),
         Err((e, gen)) => {
-            stream::vm_failed(filter.id, gen);
+            if gen != 0 {
+                worker::vm_dropped(filter, gen);
+                stream::vm_failed(filter.id, gen);
+            }
             Err(e)
         }
     }

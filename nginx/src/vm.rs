@@ -1,8 +1,11 @@
 //! One Proxy-Wasm VM (a Wasmtime instance with its root context) and the callbacks an
 //! nginx request drives through it. Host calls are linked by the harness's ABI core.
 
-use crate::host::{HostState, LogSink, StreamAction};
+use crate::host::{HostState, LogSink, OutgoingCall, StreamAction};
+use crate::http1::Response;
 use proxy_wasm_harness::abi::{self, AbiVersion, LogLevel, Pairs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use wasmtime::{Engine, Instance, Linker, Module, Store, TypedFunc};
 
 /// Why a module could not be loaded or a VM could not be made or driven.
@@ -90,6 +93,9 @@ enum HeadersFn {
     V2(TypedFunc<(i32, i32, i32), i32>),
 }
 
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
 struct Exports {
     on_context_create: Option<TypedFunc<(i32, i32), ()>>,
     on_request_headers: Option<HeadersFn>,
@@ -98,7 +104,13 @@ struct Exports {
     on_log: Option<TypedFunc<i32, ()>>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_delete: Option<TypedFunc<i32, ()>>,
+    on_tick: Option<TypedFunc<i32, ()>>,
+    on_http_call_response: Option<CallResponseFn>,
 }
+
+/// Numbers the VMs of a process, so that a timer or a call made for one VM never reaches
+/// the VM that replaced it after a trap.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 fn typed<P, R>(
     instance: &Instance,
@@ -157,6 +169,7 @@ pub struct PluginVm {
     store: Store<HostState>,
     exports: Exports,
     next_context: u32,
+    generation: u64,
 }
 
 impl PluginVm {
@@ -202,6 +215,8 @@ impl PluginVm {
             on_log: typed(&instance, &mut store, "proxy_on_log")?,
             on_done: typed(&instance, &mut store, "proxy_on_done")?,
             on_delete: typed(&instance, &mut store, "proxy_on_delete")?,
+            on_tick: typed(&instance, &mut store, "proxy_on_tick")?,
+            on_http_call_response: typed(&instance, &mut store, "proxy_on_http_call_response")?,
         };
         let init = match typed::<(), ()>(&instance, &mut store, "_initialize")? {
             Some(f) => Some(f),
@@ -213,6 +228,7 @@ impl PluginVm {
             store,
             exports,
             next_context: 2,
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
         };
         if let Some(f) = init {
             vm.call("_initialize", &f, ())?;
@@ -428,5 +444,95 @@ impl PluginVm {
         d.properties.clear();
         d.effective = d.root;
         r
+    }
+}
+
+/// The root context's side: ticks and `http_call` answers, and what the embedder applies
+/// after each callback (the tick period, the calls to start).
+impl PluginVm {
+    /// This VM's number in the process (see [`NEXT_GENERATION`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The tick period, if the filter changed it since the last call (`Some(None)`: ticks
+    /// stopped).
+    pub fn take_tick_change(&mut self) -> Option<Option<Duration>> {
+        let d = self.store.data_mut();
+        std::mem::take(&mut d.tick_changed).then_some(d.tick_period)
+    }
+
+    /// The current tick period.
+    pub fn tick_period(&self) -> Option<Duration> {
+        self.store.data().tick_period
+    }
+
+    /// The calls the filter made since the last call, to start now.
+    pub fn take_calls(&mut self) -> Vec<OutgoingCall> {
+        std::mem::take(&mut self.store.data_mut().outgoing)
+    }
+
+    /// Runs `proxy_on_tick` on the root context.
+    pub fn tick(&mut self) -> Result<(), VmError> {
+        let Some(f) = self.exports.on_tick.clone() else {
+            return Ok(());
+        };
+        let root = {
+            let d = self.store.data_mut();
+            d.effective = d.root;
+            d.root
+        };
+        self.call("proxy_on_tick", &f, root as i32)
+    }
+
+    /// Runs `proxy_on_http_call_response` for call `token` of `context`, with the
+    /// response (headers map 6, body buffer 4, trailers map 7) or, for a failed call, none:
+    /// zero headers and `BrokenConnection`/`reset` from `proxy_get_status`, as Envoy does.
+    /// Returns false, without a callback, when `context` is gone (a stream that ended:
+    /// Envoy cancels its calls).
+    pub fn http_call_response(
+        &mut self,
+        context: u32,
+        token: u32,
+        response: Option<Response>,
+    ) -> Result<bool, VmError> {
+        let Some(f) = self.exports.on_http_call_response.clone() else {
+            return Ok(false);
+        };
+        let (nh, nb, nt) = response.as_ref().map_or((0, 0, 0), |r| {
+            (r.headers.len(), r.body.len(), r.trailers.len())
+        });
+        {
+            let d = self.store.data_mut();
+            if context != d.root && !d.streams.contains(&context) {
+                return Ok(false);
+            }
+            d.effective = context;
+            d.status = if response.is_some() {
+                (0, Vec::new())
+            } else {
+                (
+                    proxy_wasm_harness::abi::Status::BrokenConnection as u32,
+                    b"reset".to_vec(),
+                )
+            };
+            d.call_response = response;
+        }
+        let r = self.call(
+            "proxy_on_http_call_response",
+            &f,
+            (
+                context as i32,
+                token as i32,
+                nh as i32,
+                nb as i32,
+                nt as i32,
+            ),
+        );
+        let d = self.store.data_mut();
+        d.call_response = None;
+        d.status = (0, Vec::new());
+        d.effective = d.root;
+        r.map(|()| true)
     }
 }
