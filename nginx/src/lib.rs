@@ -166,13 +166,14 @@ static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
 
 /// The `ngx_modules` tables `load_module` reads (a macro of the `ngx` crate, undocumented).
 #[allow(missing_docs)]
+#[cfg(not(test))]
 mod exported {
     use super::ngx_http_proxy_wasm_module;
     ngx::ngx_modules!(ngx_http_proxy_wasm_module);
 }
 
 /// The module, as nginx sees it.
-#[used]
+#[cfg_attr(not(test), used)]
 #[allow(non_upper_case_globals)]
 pub static mut ngx_http_proxy_wasm_module: ngx_module_t = ngx_module_t {
     ctx: std::ptr::addr_of!(MODULE_CTX) as _,
