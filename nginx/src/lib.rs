@@ -12,7 +12,11 @@
 
 #![deny(missing_docs)]
 
+pub mod blocks;
 pub mod host;
+pub mod kv;
+pub mod metric_table;
+pub mod prometheus;
 pub mod vm;
 
 use std::cell::RefCell;
