@@ -6,6 +6,9 @@
 //! Directives (see README.md):
 //! - `proxy_wasm_module NAME PATH;` (http): compiles PATH once, in the master.
 //! - `proxy_wasm NAME [CONFIG];` (server, location): adds a filter to the chain.
+//! - `proxy_wasm_shm_kv SIZE;`, `proxy_wasm_shm_metrics SIZE;` (http): the shared-memory
+//!   zones for shared data and metrics ([`shm`]).
+//! - `proxy_wasm_metrics;` (location): serves the metrics in Prometheus' text format.
 //!
 //! The request headers reach each filter in the rewrite phase; a local response ends the
 //! request there.
@@ -17,6 +20,7 @@ pub mod host;
 pub mod kv;
 pub mod metric_table;
 pub mod prometheus;
+pub mod shm;
 pub mod vm;
 
 use std::cell::RefCell;
@@ -31,10 +35,10 @@ use ngx::ffi::{
     ngx_array_push, ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_create_temp_buf, ngx_cycle,
     ngx_http_discard_request_body, ngx_http_handler_pt, ngx_http_module_t, ngx_http_output_filter,
     ngx_http_phases_NGX_HTTP_REWRITE_PHASE, ngx_http_request_t, ngx_http_send_header, ngx_int_t,
-    ngx_list_part_t, ngx_module_t, ngx_str_t, ngx_table_elt_t, ngx_uint_t, NGX_CONF_TAKE12,
-    NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
-    NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_ERR,
-    NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
+    ngx_list_part_t, ngx_module_t, ngx_str_t, ngx_table_elt_t, ngx_uint_t, NGX_CONF_NOARGS,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF,
+    NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::http::{
     HttpModule, HttpModuleLocationConf, HttpModuleMainConf, Merge, MergeConfigError,
@@ -69,6 +73,8 @@ fn engine() -> &'static Engine {
 #[derive(Default)]
 pub struct MainConf {
     plugins: Vec<Plugin>,
+    /// The shared-memory zones.
+    shm: shm::ShmConf,
 }
 
 /// One `proxy_wasm` directive: a filter in a chain.
@@ -118,6 +124,10 @@ impl HttpModule for Module {
             return Status::NGX_ERROR.0;
         }
         *h = Some(request_headers_handler);
+        if let Err(e) = shm::add_zones(cf) {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "proxy_wasm: {}", e);
+            return Status::NGX_ERROR.0;
+        }
         // Response filters at the top of the chain: without its own ngx_module_order a
         // dynamic module's filters run first (before gzip, range, copy filter), so the
         // filter sees the upstream's bytes as they stream.
@@ -137,7 +147,7 @@ unsafe impl HttpModuleLocationConf for Module {
     type LocationConf = LocConf;
 }
 
-static mut COMMANDS: [ngx_command_t; 3] = [
+static mut COMMANDS: [ngx_command_t; 6] = [
     ngx_command_t {
         name: ngx_string!("proxy_wasm_module"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
@@ -150,6 +160,30 @@ static mut COMMANDS: [ngx_command_t; 3] = [
         name: ngx_string!("proxy_wasm"),
         type_: (NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
         set: Some(set_proxy_wasm),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("proxy_wasm_shm_kv"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(shm::set_shm_kv),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("proxy_wasm_shm_metrics"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(shm::set_shm_metrics),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("proxy_wasm_metrics"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(shm::set_metrics_handler),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: std::ptr::null_mut(),
