@@ -222,6 +222,16 @@ shm_wait_metric() {
     shm_fail "$1 is '$v' on /metrics, expected $2"
 }
 
+# Bad zone sizes are refused by nginx -t, naming the directive.
+shm_render "proxy_wasm_shm_kv 10k;" > "$shm_dir/bad.conf"
+out="$("$nginx" -t -p "$shm_dir" -c "$shm_dir/bad.conf" 2>&1)" && shm_fail "nginx -t accepted a 10k zone"
+grep -q 'proxy_wasm_shm_kv: size "10k" is too small, the least is 256k' <<<"$out" || shm_fail "unclear: $out"
+too_small="$(grep -o 'proxy_wasm_shm_kv: size.*256k' <<<"$out")"
+shm_render "proxy_wasm_shm_metrics lots;" > "$shm_dir/bad.conf"
+out="$("$nginx" -t -p "$shm_dir" -c "$shm_dir/bad.conf" 2>&1)" && shm_fail "nginx -t accepted 'lots'"
+grep -q 'proxy_wasm_shm_metrics: invalid size "lots"' <<<"$out" || shm_fail "unclear: $out"
+pass "shm: nginx -t refuses bad zone sizes ($too_small)"
+
 shm_render > "$shm_dir/nginx.conf"
 "$nginx" -t -p "$shm_dir" -c "$shm_dir/nginx.conf" 2>&1 | grep -q "test is successful" \
     || shm_fail "nginx -t refused the shared-memory config"
@@ -251,6 +261,8 @@ for _ in $(seq 1 200); do
     if [ "$by" != "$stored_by" ]; then other="$by"; [ "${#hit_workers[@]}" -ge 2 ] && break; fi
 done
 [ -n "$other" ] || shm_fail "200 fresh connections all went to worker $stored_by"
+# Hits on two workers at least: a per-worker counter would then show less than the total.
+[ "${#hit_workers[@]}" -ge 2 ] || shm_fail "hits came from one worker only: ${!hit_workers[*]}"
 pass "shm: worker $other answered a hit for what worker $stored_by stored ($hits hits from ${#hit_workers[@]} workers)"
 
 # Metrics: one counter for all workers, whichever worker serves /metrics.
