@@ -306,4 +306,208 @@ for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 pid=""
 ! grep -E '\[(alert|emerg)\]|trapped|panic|open socket' "$tmp/client-error.log" || cfail "errors in client-error.log"
 pass "graceful quit within 5 s; no alert, trap, panic or open socket in client-error.log"
+# ---------------------------------------------------------------------------------------
+# Shared-memory zones (proxy_wasm_shm_kv, proxy_wasm_shm_metrics, proxy_wasm_metrics):
+# 4 workers share one cache and one set of metrics, and both survive `nginx -s reload`.
+# A separate nginx instance under $tmp/shm, with its own ports; stopped at the end.
+shm_dir="$tmp/shm"
+mkdir -p "$shm_dir"
+shm_port="$(free_port)"
+shm_metrics_port="$(free_port)"
+shm_origin_port="$(free_port)"
+shm_pid=""
+trap 'if [ -n "$shm_pid" ]; then kill -QUIT "$shm_pid" 2>/dev/null || true; fi; cleanup' EXIT
+head -c 450000 /dev/zero | tr '\0' 'b' > "$shm_dir/big.txt"
+# Workers run as another user (nobody): they must be able to read it.
+chmod 755 "$tmp" "$shm_dir" && chmod 644 "$shm_dir/big.txt"
+# shm_render [EXTRA_HTTP_LINE] > conf
+shm_render() {
+    cat <<CONF
+load_module $module;
+pid $shm_dir/nginx.pid;
+error_log $shm_dir/error.log info;
+worker_processes 4;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path $shm_dir/client_body;
+    proxy_temp_path $shm_dir/proxy;
+    fastcgi_temp_path $shm_dir/fastcgi;
+    uwsgi_temp_path $shm_dir/uwsgi;
+    scgi_temp_path $shm_dir/scgi;
+    ${1:-}
+    proxy_wasm_module edge_filter $wasm;
+    server {
+        # reuseport: the kernel spreads fresh connections over the workers.
+        listen 127.0.0.1:$shm_port reuseport;
+        add_header X-Worker \$pid always;
+        location / {
+            proxy_wasm edge_filter '{}';
+            proxy_pass http://127.0.0.1:$shm_origin_port;
+        }
+    }
+    # Metrics on their own listener, without the filter (as Envoy's admin port).
+    server {
+        listen 127.0.0.1:$shm_metrics_port;
+        location = /metrics { proxy_wasm_metrics; }
+    }
+    server {
+        listen 127.0.0.1:$shm_origin_port;
+        location /shared { add_header Cache-Control "max-age=300"; return 200 "shared body\n"; }
+        location /big { add_header Cache-Control "max-age=300"; alias $shm_dir/big.txt; }
+    }
+}
+CONF
+}
+shm_fail() { echo "FAIL: $*" >&2; echo "--- shm error.log" >&2; tail -n 30 "$shm_dir/error.log" >&2 || true; exit 1; }
+# shm_get PATH -> "status|worker pid|cache-status", body in $shm_dir/body (a fresh connection)
+shm_get() {
+    local code
+    code="$(curl -sS -m 10 -D "$shm_dir/headers" -o "$shm_dir/body" -w '%{http_code}' "http://127.0.0.1:$shm_port$1")"
+    printf '%s|%s|%s\n' "$code" \
+        "$(grep -i '^x-worker:' "$shm_dir/headers" | tr -d '\r' | cut -d' ' -f2)" \
+        "$(grep -i '^cache-status:' "$shm_dir/headers" | tr -d '\r' | cut -d' ' -f2-)"
+}
+shm_workers() { ps -o pid= --ppid "$shm_pid" 2>/dev/null | tr -d ' ' | sort; }
+# shm_metric SERIES -> its value on /metrics (empty if absent)
+shm_metric() {
+    curl -sS -m 10 "http://127.0.0.1:$shm_metrics_port/metrics" \
+        | awk -v s="$1" 'index($0, s" ") == 1 { print $2 }'
+}
+shm_hit_series='edge_filter_requests_total{cache_result="hit",status_class="2xx"}'
+shm_miss_series='edge_filter_requests_total{cache_result="miss",status_class="2xx"}'
+# shm_wait_metric SERIES VALUE: the counter is bumped when nginx frees the request, which
+# can be just after curl has the response; wait (bounded) for it.
+shm_wait_metric() {
+    local v=""
+    for _ in $(seq 1 50); do
+        v="$(shm_metric "$1")"
+        [ "$v" = "$2" ] && return 0
+        sleep 0.1
+    done
+    shm_fail "$1 is '$v' on /metrics, expected $2"
+}
+
+# Bad zone sizes are refused by nginx -t, naming the directive.
+shm_render "proxy_wasm_shm_kv 10k;" > "$shm_dir/bad.conf"
+out="$("$nginx" -t -p "$shm_dir" -c "$shm_dir/bad.conf" 2>&1)" && shm_fail "nginx -t accepted a 10k zone"
+grep -q 'proxy_wasm_shm_kv: size "10k" is too small, the least is 256k' <<<"$out" || shm_fail "unclear: $out"
+too_small="$(grep -o 'proxy_wasm_shm_kv: size.*256k' <<<"$out")"
+shm_render "proxy_wasm_shm_metrics lots;" > "$shm_dir/bad.conf"
+out="$("$nginx" -t -p "$shm_dir" -c "$shm_dir/bad.conf" 2>&1)" && shm_fail "nginx -t accepted 'lots'"
+grep -q 'proxy_wasm_shm_metrics: invalid size "lots"' <<<"$out" || shm_fail "unclear: $out"
+pass "shm: nginx -t refuses bad zone sizes ($too_small)"
+
+shm_render > "$shm_dir/nginx.conf"
+"$nginx" -t -p "$shm_dir" -c "$shm_dir/nginx.conf" 2>&1 | grep -q "test is successful" \
+    || shm_fail "nginx -t refused the shared-memory config"
+"$nginx" -p "$shm_dir" -c "$shm_dir/nginx.conf" -g 'daemon on; master_process on;'
+for _ in $(seq 1 100); do [ -s "$shm_dir/nginx.pid" ] && break; sleep 0.1; done
+shm_pid="$(cat "$shm_dir/nginx.pid" 2>/dev/null || true)"
+[ -n "$shm_pid" ] || shm_fail "nginx (4 workers) did not start"
+for _ in $(seq 1 100); do [ "$(shm_workers | wc -l)" = 4 ] && break; sleep 0.1; done
+[ "$(shm_workers | wc -l)" = 4 ] || shm_fail "not 4 workers: $(shm_workers | tr '\n' ' ')"
+
+# One worker stores the response ...
+IFS='|' read -r code stored_by cs <<<"$(shm_get /shared)"
+[ "$code" = 200 ] && grep -q 'stored' <<<"$cs" || shm_fail "miss answered $code, Cache-Status '$cs'"
+pass "shm: GET /shared stored by worker $stored_by ($cs)"
+# ... and another one answers it from the shared zone: fresh connections until a
+# different worker answers (bounded); every answer must be a hit.
+hits=0
+other=""
+declare -A hit_workers=()
+for _ in $(seq 1 200); do
+    IFS='|' read -r code by cs <<<"$(shm_get /shared)"
+    [ "$code" = 200 ] && [ "$(cat "$shm_dir/body")" = "shared body" ] \
+        || shm_fail "worker $by answered $code: $(cat "$shm_dir/body")"
+    grep -q 'edge-filter; hit' <<<"$cs" || shm_fail "worker $by: not a hit: '$cs'"
+    hits=$((hits + 1))
+    hit_workers[$by]=1
+    if [ "$by" != "$stored_by" ]; then other="$by"; [ "${#hit_workers[@]}" -ge 2 ] && break; fi
+done
+[ -n "$other" ] || shm_fail "200 fresh connections all went to worker $stored_by"
+# Hits on two workers at least: a per-worker counter would then show less than the total.
+[ "${#hit_workers[@]}" -ge 2 ] || shm_fail "hits came from one worker only: ${!hit_workers[*]}"
+pass "shm: worker $other answered a hit for what worker $stored_by stored ($hits hits from ${#hit_workers[@]} workers)"
+
+# Metrics: one counter for all workers, whichever worker serves /metrics.
+shm_wait_metric "$shm_hit_series" "$hits"
+shm_wait_metric "$shm_miss_series" 1
+curl -sS -m 10 -D "$shm_dir/mheaders" -o "$shm_dir/metrics.txt" "http://127.0.0.1:$shm_metrics_port/metrics"
+grep -qi '^content-type: text/plain; version=0.0.4' "$shm_dir/mheaders" \
+    || shm_fail "/metrics Content-Type: $(grep -i '^content-type' "$shm_dir/mheaders")"
+grep -q '^# TYPE edge_filter_upstream_response_time_milliseconds histogram$' "$shm_dir/metrics.txt" \
+    && grep -q '^edge_filter_upstream_response_time_milliseconds_bucket{le="30000"} 1$' "$shm_dir/metrics.txt" \
+    || shm_fail "/metrics: no upstream response time histogram with envoy.yaml's buckets"
+pass "shm: /metrics shows $shm_hit_series $hits (hits of ${#hit_workers[@]} workers summed), misses 1"
+if command -v promtool >/dev/null; then
+    # Exit 3 is lint only; the one lint allowed is the filter's own unit naming (Envoy's
+    # /stats/prometheus gets the same), not a format error.
+    rc=0; lint="$(promtool check metrics < "$shm_dir/metrics.txt" 2>&1)" || rc=$?
+    if [ "$rc" != 0 ] && { [ "$rc" != 3 ] || grep -v 'use base unit "seconds"' <<<"$lint" | grep -q .; }; then
+        shm_fail "promtool check metrics (exit $rc): $lint"
+    fi
+    pass "shm: promtool check metrics accepts /metrics (lint: $(grep -c 'base unit' <<<"$lint") unit-name notes)"
+else
+    echo "skip: promtool not installed; /metrics not checked by it"
+fi
+
+# Reload with the same zone sizes: new workers, same zones, so still a hit.
+old_workers="$(shm_workers)"
+"$nginx" -p "$shm_dir" -c "$shm_dir/nginx.conf" -s reload
+new=""
+for _ in $(seq 1 100); do
+    now="$(shm_workers)"
+    if [ "$(wc -l <<<"$now")" = 4 ] && [ -z "$(comm -12 <(echo "$old_workers") <(echo "$now"))" ]; then
+        new="$now"; break
+    fi
+    sleep 0.1
+done
+[ -n "$new" ] || shm_fail "no 4 new workers after reload: $(shm_workers | tr '\n' ' ')"
+IFS='|' read -r code by cs <<<"$(shm_get /shared)"
+[ "$code" = 200 ] && grep -q 'edge-filter; hit' <<<"$cs" || shm_fail "after reload: $code '$cs'"
+grep -qx "$by" <<<"$new" || shm_fail "after reload the hit came from $by, not a new worker"
+grep -q 'zone "proxy_wasm_shm_kv" reused' "$shm_dir/error.log" || shm_fail "no reuse notice"
+shm_wait_metric "$shm_hit_series" "$((hits + 1))"
+pass "shm: after nginx -s reload, new worker $by answers a hit ($cs); hit counter $((hits + 1))"
+
+# A zone too small for a response: the write fails, the filter is told (a failed write,
+# not a trap), the response is intact, and the operator gets a warning naming the zone.
+# (A new size is a new zone: the cache starts empty.)
+shm_render "proxy_wasm_shm_kv 512k;" > "$shm_dir/nginx.conf"
+"$nginx" -t -p "$shm_dir" -c "$shm_dir/nginx.conf" 2>&1 | grep -q "test is successful" \
+    || shm_fail "nginx -t refused proxy_wasm_shm_kv 512k"
+old_workers="$(shm_workers)"
+"$nginx" -p "$shm_dir" -c "$shm_dir/nginx.conf" -s reload
+for _ in $(seq 1 100); do
+    now="$(shm_workers)"
+    [ "$(wc -l <<<"$now")" = 4 ] && [ -z "$(comm -12 <(echo "$old_workers") <(echo "$now"))" ] && break
+    sleep 0.1
+done
+IFS='|' read -r code by cs <<<"$(shm_get /shared)"
+[ "$code" = 200 ] && grep -q 'fwd=uri-miss' <<<"$cs" || shm_fail "new zone size, expected a miss: $code '$cs'"
+for _ in 1 2; do
+    IFS='|' read -r code by cs <<<"$(shm_get /big)"
+    [ "$code" = 200 ] && cmp -s "$shm_dir/body" "$shm_dir/big.txt" || shm_fail "/big answered $code"
+    grep -q 'edge-filter; hit' <<<"$cs" && shm_fail "/big was stored in a 512k zone"
+done
+warning=""
+for _ in $(seq 1 50); do
+    warning="$(grep -o 'zone "proxy_wasm_shm_kv" (512k) is full.*raise proxy_wasm_shm_kv' "$shm_dir/error.log" | head -1)"
+    [ -n "$warning" ] && break
+    sleep 0.1
+done
+[ -n "$warning" ] || shm_fail "no 'zone full' warning"
+[ "$(grep -c 'proxy_wasm_shm_kv" (512k) is full' "$shm_dir/error.log")" = 1 ] \
+    || shm_fail "the 'zone full' warning is not rate-limited"
+pass "shm: a 450 kB response in a 512k zone is served and not stored; warning: ...$(cut -c1-60 <<<"$warning")..."
+
+! grep -E '\[(alert|emerg|crit)\]|trapped|panic' "$shm_dir/error.log" || shm_fail "errors in the shm error.log"
+kill -QUIT "$shm_pid"
+for _ in $(seq 1 50); do kill -0 "$shm_pid" 2>/dev/null || break; sleep 0.1; done
+shm_pid=""
+trap cleanup EXIT
+# --------------------------------------------------------------- end of shared-memory zones
+
 echo "PASS"

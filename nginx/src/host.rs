@@ -16,7 +16,7 @@ use proxy_wasm_harness::abi::{
     metrics::{MetricHost, MetricIds, MetricStore},
     properties::PropertyHost,
     queues::{QueueHost, QueueOwner, QueueStore},
-    shared_data::{SharedDataHost, SharedDataStore},
+    shared_data::{CasMode, SharedDataHost, SharedDataStore},
     stream::{LocalResponse, StreamHost},
     wasi::WasiHost,
     AbiState, AbiView, BufferType, HostResult, LogLevel, MapType, MetricType, Pairs, Status,
@@ -26,10 +26,10 @@ use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Stores shared by every VM of this worker process.
-///
-/// TODO(issue 5): shared data and metrics belong in an nginx shared-memory zone so all
-/// workers see one cache; until then each worker has its own.
+/// Stores of this process. In workers, shared data and metrics live in the shared-memory
+/// zones ([`crate::shm`]), seen by all workers; these stores hold them only where no zone
+/// is in use (the VM that checks a configuration in the master or in `nginx -t`), and
+/// metrics the zone refused. Shared queues stay per worker.
 pub struct ProcessStores {
     /// Shared data, Envoy's CAS rules.
     pub shared_data: SharedDataStore,
@@ -43,7 +43,7 @@ pub struct ProcessStores {
 pub fn stores() -> &'static ProcessStores {
     static S: OnceLock<ProcessStores> = OnceLock::new();
     S.get_or_init(|| ProcessStores {
-        shared_data: SharedDataStore::default(),
+        shared_data: SharedDataStore::new(CasMode::Envoy),
         queues: QueueStore::default(),
         metrics: MetricStore::default(),
     })
@@ -484,10 +484,12 @@ impl GrpcHost for HostState {
 
 impl SharedDataHost for HostState {
     fn get_shared_data(&mut self, key: &str) -> HostResult<(Vec<u8>, u32)> {
-        stores().shared_data.get(&self.vm_id, key)
+        crate::shm::kv_get(&self.vm_id, key)
+            .unwrap_or_else(|| stores().shared_data.get(&self.vm_id, key))
     }
     fn set_shared_data(&mut self, key: &str, value: Option<&[u8]>, cas: u32) -> HostResult<()> {
-        stores().shared_data.set(&self.vm_id, key, value, cas)
+        crate::shm::kv_set(&self.vm_id, key, value, cas)
+            .unwrap_or_else(|| stores().shared_data.set(&self.vm_id, key, value, cas))
     }
 }
 
@@ -511,17 +513,26 @@ impl QueueHost for HostState {
 }
 
 impl MetricHost for HostState {
+    // Envoy's rules are the ABI core's (`MetricIds`); the zone stores the outcome. A
+    // metric outside a zone (none in use, or refused) lives in this process's store.
     fn define_metric(&mut self, t: MetricType, name: &str) -> HostResult<u32> {
-        Ok(stores().metrics.define(&mut self.metric_ids, t, name))
+        let id = stores().metrics.define(&mut self.metric_ids, t, name);
+        crate::shm::metric_define(&(t, name.to_string()));
+        Ok(id)
     }
     fn increment_metric(&mut self, id: u32, offset: i64) -> HostResult<()> {
-        stores().metrics.increment(&self.metric_ids, id, offset)
+        let (key, update) = self.metric_ids.increment(id, offset)?;
+        crate::shm::metric_update(key, update)
+            .unwrap_or_else(|| stores().metrics.increment(&self.metric_ids, id, offset))
     }
     fn record_metric(&mut self, id: u32, value: u64) -> HostResult<()> {
-        stores().metrics.record(&self.metric_ids, id, value)
+        let (key, update) = self.metric_ids.record(id, value)?;
+        crate::shm::metric_update(key, update)
+            .unwrap_or_else(|| stores().metrics.record(&self.metric_ids, id, value))
     }
     fn get_metric(&mut self, id: u32) -> HostResult<u64> {
-        stores().metrics.get(&self.metric_ids, id)
+        let key = self.metric_ids.get(id)?;
+        crate::shm::metric_value(key).unwrap_or_else(|| stores().metrics.get(&self.metric_ids, id))
     }
 }
 

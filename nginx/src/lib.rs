@@ -6,6 +6,9 @@
 //! Directives (see README.md):
 //! - `proxy_wasm_module NAME PATH;` (http): compiles PATH once, in the master.
 //! - `proxy_wasm NAME [CONFIG];` (server, location): adds a filter to the chain.
+//! - `proxy_wasm_shm_kv SIZE;`, `proxy_wasm_shm_metrics SIZE;` (http): the shared-memory
+//!   zones for shared data and metrics ([`shm`]).
+//! - `proxy_wasm_metrics;` (location): serves the metrics in Prometheus' text format.
 //!
 //! The request headers reach each filter in the rewrite phase; a local response ends the
 //! request there. Each worker makes the filters' VMs when it starts; their root contexts
@@ -14,10 +17,15 @@
 
 #![deny(missing_docs)]
 
+pub mod blocks;
 pub mod client;
 mod headers;
 pub mod host;
 pub mod http1;
+pub mod kv;
+pub mod metric_table;
+pub mod prometheus;
+pub mod shm;
 mod stream;
 pub mod upstream;
 pub mod vm;
@@ -35,9 +43,9 @@ use ngx::core::{Status, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_array_push, ngx_command_t, ngx_conf_t, ngx_cycle, ngx_http_handler_pt, ngx_http_module_t,
     ngx_http_phases_NGX_HTTP_REWRITE_PHASE, ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t,
-    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
-    NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF,
-    NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN,
+    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
+    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 use ngx::http::{
     HttpModule, HttpModuleLocationConf, HttpModuleMainConf, Merge, MergeConfigError,
@@ -74,6 +82,8 @@ pub struct MainConf {
     plugins: Vec<Plugin>,
     /// Every `proxy_wasm` directive, so each worker makes their VMs when it starts.
     filters: Vec<FilterRef>,
+    /// The shared-memory zones.
+    shm: shm::ShmConf,
 }
 
 /// One `proxy_wasm` directive: a filter in a chain.
@@ -135,6 +145,10 @@ impl HttpModule for Module {
             return Status::NGX_ERROR.0;
         }
         *h = Some(stream::request_headers_handler);
+        if let Err(e) = shm::add_zones(cf) {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "proxy_wasm: {}", e);
+            return Status::NGX_ERROR.0;
+        }
         // Response filters at the top of the chain: without its own ngx_module_order a
         // dynamic module's filters run first (before gzip, range, copy filter), so the
         // filter sees the upstream's bytes as they stream.
@@ -154,7 +168,7 @@ unsafe impl HttpModuleLocationConf for Module {
     type LocationConf = LocConf;
 }
 
-static mut COMMANDS: [ngx_command_t; 4] = [
+static mut COMMANDS: [ngx_command_t; 7] = [
     ngx_command_t {
         name: ngx_string!("proxy_wasm_module"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
@@ -176,6 +190,30 @@ static mut COMMANDS: [ngx_command_t; 4] = [
         type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
             as ngx_uint_t,
         set: Some(set_failure_policy),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("proxy_wasm_shm_kv"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(shm::set_shm_kv),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("proxy_wasm_shm_metrics"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(shm::set_shm_metrics),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("proxy_wasm_metrics"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(shm::set_metrics_handler),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: std::ptr::null_mut(),

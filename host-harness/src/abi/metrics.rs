@@ -1,7 +1,9 @@
-//! Metrics: define, increment, record and get, and [`MetricStore`], a thread-safe store
-//! with Envoy's rules (`context.cc`): ids carry their type in the low two bits; counters
-//! only go up (an increment that is not positive is `BadArgument`); a histogram cannot
-//! be read (`BadArgument`) or incremented (`BadArgument`); an unknown id is `NotFound`.
+//! Metrics: define, increment, record and get, with Envoy's rules (`context.cc`): ids
+//! carry their type in the low two bits; counters only go up (an increment that is not
+//! positive is `BadArgument`); a histogram cannot be read (`BadArgument`) or incremented
+//! (`BadArgument`); an unknown id is `NotFound`. [`MetricIds`] decides these rules and
+//! [`MetricUpdate`] applies them to a value, apart from where values live; [`MetricStore`]
+//! is a thread-safe store over them that embedders can use as it is.
 
 use super::limits::MAX_GUEST_BYTES;
 use super::{code, memory, AbiView, HostResult, MetricType, Status};
@@ -44,113 +46,173 @@ pub struct MetricValue {
 /// VM defined (ids are per VM, as in Envoy).
 #[derive(Default)]
 pub struct MetricStore {
-    inner: Mutex<HashMap<(MetricType, String), MetricValue>>,
+    inner: Mutex<HashMap<MetricKey, MetricValue>>,
 }
 
-/// One VM's metric ids.
+/// A metric's identity: values are shared by type and name.
+pub type MetricKey = (MetricType, String);
+
+/// One VM's metric ids. It also decides, by Envoy's rules, what each operation on an id
+/// does ([`MetricIds::increment`], [`MetricIds::record`], [`MetricIds::get`]), so that
+/// every store of values (this module's [`MetricStore`], an embedder's shared memory)
+/// applies the same rules.
 #[derive(Default)]
 pub struct MetricIds {
     next: [u32; 3],
-    by_id: HashMap<u32, (MetricType, String)>,
-    by_name: HashMap<(MetricType, String), u32>,
+    by_id: HashMap<u32, MetricKey>,
+    by_name: HashMap<MetricKey, u32>,
 }
 
 const TYPE_MASK: u32 = 0x3;
 const ID_INCREMENT: u32 = 0x4;
 
-impl MetricStore {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(MetricType, String), MetricValue>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// What an operation does to a metric's value, as [`MetricIds`] decided it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricUpdate {
+    /// A counter grows (saturating).
+    Add(u64),
+    /// A gauge moves; Envoy's gauges are u64 and wrap below zero.
+    Shift(i64),
+    /// A gauge is set.
+    Set(u64),
+    /// A histogram sample: the sample count grows by one, the sum by the sample.
+    Sample(u64),
+}
 
-    /// Defines `name` in `ids`; the same name and type give the same id.
-    pub fn define(&self, ids: &mut MetricIds, t: MetricType, name: &str) -> u32 {
+impl MetricUpdate {
+    /// Applies the update to `value` (a counter's or gauge's value, a histogram's sample
+    /// count) and `sum` (a histogram's sum of samples; untouched otherwise).
+    pub fn apply(self, value: &mut u64, sum: &mut u64) {
+        match self {
+            MetricUpdate::Add(n) => *value = value.saturating_add(n),
+            MetricUpdate::Shift(n) => *value = value.wrapping_add(n as u64),
+            MetricUpdate::Set(n) => *value = n,
+            MetricUpdate::Sample(n) => {
+                *value = value.saturating_add(1);
+                *sum = sum.saturating_add(n);
+            }
+        }
+    }
+}
+
+impl MetricIds {
+    /// The id of `name` in this VM, made on first use: the same name and type give the
+    /// same id, and ids carry their type in the low two bits, as in Envoy.
+    pub fn define(&mut self, t: MetricType, name: &str) -> u32 {
         let key = (t, name.to_string());
-        if let Some(id) = ids.by_name.get(&key) {
+        if let Some(id) = self.by_name.get(&key) {
             return *id;
         }
-        let slot = &mut ids.next[t as usize];
+        let slot = &mut self.next[t as usize];
         if *slot == 0 {
             *slot = t as u32;
         }
         *slot += ID_INCREMENT;
         let id = *slot;
-        ids.by_id.insert(id, key.clone());
-        ids.by_name.insert(key.clone(), id);
-        self.lock().entry(key).or_insert_with(|| MetricValue {
-            kind: Some(t),
-            sum: (t == MetricType::Histogram).then_some(0),
-            ..MetricValue::default()
-        });
+        self.by_id.insert(id, key.clone());
+        self.by_name.insert(key, id);
         id
     }
 
-    fn with<R>(
-        &self,
-        ids: &MetricIds,
-        id: u32,
-        f: impl FnOnce(MetricType, &mut MetricValue) -> HostResult<R>,
-    ) -> HostResult<R> {
+    fn resolve(&self, id: u32) -> HostResult<(MetricType, &MetricKey)> {
         let t = MetricType::from_raw(id & TYPE_MASK).ok_or(Status::BadArgument)?;
-        let key = ids.by_id.get(&id).ok_or(Status::NotFound)?;
-        let mut values = self.lock();
-        let v = values.get_mut(key).ok_or(Status::NotFound)?;
-        f(t, v)
+        let key = self.by_id.get(&id).ok_or(Status::NotFound)?;
+        Ok((t, key))
     }
 
-    /// `proxy_increment_metric`.
-    pub fn increment(&self, ids: &MetricIds, id: u32, offset: i64) -> HostResult<()> {
+    /// `proxy_increment_metric`: counters take only a positive offset, histograms none.
+    pub fn increment(&self, id: u32, offset: i64) -> HostResult<(&MetricKey, MetricUpdate)> {
         if MetricType::from_raw(id & TYPE_MASK) == Some(MetricType::Histogram) {
             return Err(Status::BadArgument);
         }
-        self.with(ids, id, |t, v| match t {
-            MetricType::Counter if offset > 0 => {
-                v.value = v.value.saturating_add(offset as u64);
-                Ok(())
-            }
-            MetricType::Counter => Err(Status::BadArgument),
-            MetricType::Gauge => {
-                // Envoy's gauges are u64 and wrap below zero.
-                v.value = v.value.wrapping_add(offset as u64);
-                Ok(())
-            }
-            MetricType::Histogram => Err(Status::BadArgument),
-        })
+        let (t, key) = self.resolve(id)?;
+        let update = match t {
+            MetricType::Counter if offset > 0 => MetricUpdate::Add(offset as u64),
+            MetricType::Gauge => MetricUpdate::Shift(offset),
+            MetricType::Counter | MetricType::Histogram => return Err(Status::BadArgument),
+        };
+        Ok((key, update))
     }
 
-    /// `proxy_record_metric`.
-    pub fn record(&self, ids: &MetricIds, id: u32, value: u64) -> HostResult<()> {
-        self.with(ids, id, |t, v| {
-            match t {
-                MetricType::Counter => v.value = v.value.saturating_add(value),
-                MetricType::Gauge => v.value = value,
-                MetricType::Histogram => {
-                    v.value += 1;
-                    v.sum = Some(v.sum.unwrap_or(0).saturating_add(value));
-                    if v.samples.len() < MAX_HISTOGRAM_SAMPLES {
-                        v.samples.push(value);
-                    }
-                }
-            }
-            Ok(())
-        })
-        .map_err(|s| {
+    /// `proxy_record_metric`: counters add, gauges are set, histograms take a sample.
+    pub fn record(&self, id: u32, value: u64) -> HostResult<(&MetricKey, MetricUpdate)> {
+        let (t, key) = self.resolve(id).map_err(|s| {
             // Envoy answers NotFound for any id it cannot find, whatever its type bits.
             if s == Status::BadArgument {
                 Status::NotFound
             } else {
                 s
             }
-        })
+        })?;
+        let update = match t {
+            MetricType::Counter => MetricUpdate::Add(value),
+            MetricType::Gauge => MetricUpdate::Set(value),
+            MetricType::Histogram => MetricUpdate::Sample(value),
+        };
+        Ok((key, update))
     }
 
-    /// `proxy_get_metric`.
-    pub fn get(&self, ids: &MetricIds, id: u32) -> HostResult<u64> {
+    /// `proxy_get_metric`: which metric to read; a histogram cannot be read.
+    pub fn get(&self, id: u32) -> HostResult<&MetricKey> {
         match MetricType::from_raw(id & TYPE_MASK) {
             Some(MetricType::Histogram) | None => return Err(Status::BadArgument),
             _ => {}
         }
-        self.with(ids, id, |_, v| Ok(v.value))
+        self.resolve(id).map(|(_, key)| key)
+    }
+}
+
+impl MetricStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MetricKey, MetricValue>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Defines `name` in `ids`; the same name and type give the same id.
+    pub fn define(&self, ids: &mut MetricIds, t: MetricType, name: &str) -> u32 {
+        let id = ids.define(t, name);
+        self.lock()
+            .entry((t, name.to_string()))
+            .or_insert_with(|| MetricValue {
+                kind: Some(t),
+                sum: (t == MetricType::Histogram).then_some(0),
+                ..MetricValue::default()
+            });
+        id
+    }
+
+    fn apply(&self, key: &MetricKey, update: MetricUpdate) -> HostResult<()> {
+        let mut values = self.lock();
+        let v = values.get_mut(key).ok_or(Status::NotFound)?;
+        let mut sum = v.sum.unwrap_or(0);
+        update.apply(&mut v.value, &mut sum);
+        if let MetricUpdate::Sample(sample) = update {
+            v.sum = Some(sum);
+            if v.samples.len() < MAX_HISTOGRAM_SAMPLES {
+                v.samples.push(sample);
+            }
+        }
+        Ok(())
+    }
+
+    /// `proxy_increment_metric`.
+    pub fn increment(&self, ids: &MetricIds, id: u32, offset: i64) -> HostResult<()> {
+        let (key, update) = ids.increment(id, offset)?;
+        self.apply(key, update)
+    }
+
+    /// `proxy_record_metric`.
+    pub fn record(&self, ids: &MetricIds, id: u32, value: u64) -> HostResult<()> {
+        let (key, update) = ids.record(id, value)?;
+        self.apply(key, update)
+    }
+
+    /// `proxy_get_metric`.
+    pub fn get(&self, ids: &MetricIds, id: u32) -> HostResult<u64> {
+        let key = ids.get(id)?;
+        self.lock()
+            .get(key)
+            .map(|v| v.value)
+            .ok_or(Status::NotFound)
     }
 
     /// Every metric by name, sorted (for inspection).
@@ -257,5 +319,36 @@ mod tests {
         let c2 = s.define(&mut ids2, MetricType::Counter, "c");
         assert_eq!(s.get(&ids2, c2), Ok(5));
         assert_eq!(s.metric("h").unwrap().samples, vec![9]);
+    }
+
+    #[test]
+    fn rules_without_a_store() {
+        let mut ids = MetricIds::default();
+        let c = ids.define(MetricType::Counter, "c");
+        let g = ids.define(MetricType::Gauge, "g");
+        let h = ids.define(MetricType::Histogram, "h");
+        let key = |t: MetricType, n: &str| (t, n.to_string());
+        assert_eq!(
+            ids.increment(c, 3),
+            Ok((&key(MetricType::Counter, "c"), MetricUpdate::Add(3)))
+        );
+        assert_eq!(ids.increment(c, 0), Err(Status::BadArgument));
+        assert_eq!(ids.increment(h, 1), Err(Status::BadArgument));
+        assert_eq!(ids.increment(g, -2).unwrap().1, MetricUpdate::Shift(-2));
+        assert_eq!(ids.record(g, 7).unwrap().1, MetricUpdate::Set(7));
+        assert_eq!(ids.record(h, 7).unwrap().1, MetricUpdate::Sample(7));
+        assert_eq!(ids.record(3, 1), Err(Status::NotFound));
+        assert_eq!(ids.get(h), Err(Status::BadArgument));
+        assert_eq!(ids.get(c + 4), Err(Status::NotFound));
+        // Applying: a gauge wraps below zero, a sample moves count and sum.
+        let (mut v, mut sum) = (1u64, 0u64);
+        MetricUpdate::Shift(-2).apply(&mut v, &mut sum);
+        assert_eq!((v, sum), (u64::MAX, 0));
+        MetricUpdate::Add(5).apply(&mut v, &mut sum);
+        assert_eq!(v, u64::MAX, "counters saturate");
+        let (mut n, mut sum) = (0u64, 0u64);
+        MetricUpdate::Sample(9).apply(&mut n, &mut sum);
+        MetricUpdate::Sample(4).apply(&mut n, &mut sum);
+        assert_eq!((n, sum), (2, 13));
     }
 }
