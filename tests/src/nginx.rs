@@ -144,7 +144,7 @@ pub struct RenderParams<'a> {
     pub run_dir: &'a Path,
     /// The listener port (replaces 10000).
     pub listener_port: u16,
-    /// The metrics port (replaces 9901).
+    /// The metrics port (replaces 9145).
     pub metrics_port: u16,
     /// The upstream's port (replaces 8080).
     pub upstream_port: u16,
@@ -256,7 +256,7 @@ pub fn render_config(template: &str, p: &RenderParams<'_>) -> Result<String, Str
     )?;
     let t = replace_once(
         &t,
-        "listen 127.0.0.1:9901;",
+        "listen 127.0.0.1:9145;",
         &format!("listen 127.0.0.1:{};", p.metrics_port),
     )?;
     let t = replace_once(
@@ -468,7 +468,7 @@ impl Nginx {
         let bin = nginx_bin()?;
         let dir = ScratchDir::new().map_err(|e| format!("creating a temp dir: {e}"))?;
         // `nginx -t` binds nothing, so the shipped ports do.
-        let conf_path = write_config(&dir.0, 10000, 9901, upstream_port, conf)?;
+        let conf_path = write_config(&dir.0, 10000, 9145, upstream_port, conf)?;
         let out = Command::new(&bin)
             .arg("-t")
             .arg("-p")
@@ -494,7 +494,7 @@ impl Nginx {
         self.listener
     }
 
-    /// The metrics server (`/stats/prometheus`).
+    /// The metrics server (`/metrics`).
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics
     }
@@ -664,9 +664,9 @@ impl Nginx {
 
     /// The metrics location's text, parsed.
     pub fn metrics(&self) -> Exposition {
-        let r = http::send(self.metrics, "GET", "/stats/prometheus", &[], b"")
-            .unwrap_or_else(|e| panic!("GET /stats/prometheus failed: {e}"));
-        assert_eq!(r.status, 200, "/stats/prometheus: {}", r.text());
+        let r = http::send(self.metrics, "GET", "/metrics", &[], b"")
+            .unwrap_or_else(|e| panic!("GET /metrics failed: {e}"));
+        assert_eq!(r.status, 200, "/metrics: {}", r.text());
         Exposition::parse(&r.text()).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -803,7 +803,7 @@ mod tests {
         for gone in [
             "nginx/.run/",
             "127.0.0.1:10000;",
-            "127.0.0.1:9901;",
+            "127.0.0.1:9145;",
             "127.0.0.1:8080;",
             "67108864",
         ] {
@@ -826,7 +826,7 @@ mod tests {
             "proxy_wasm_failure_policy open;",
             "upstream upstream {",
             "proxy_pass http://upstream;",
-            "location = /stats/prometheus {",
+            "location = /metrics {",
             "proxy_wasm_metrics;",
         ] {
             assert!(c.contains(needle), "nginx.conf lacks {needle:?}");

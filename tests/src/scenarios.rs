@@ -967,8 +967,9 @@ pub fn readyz_follows_upstream(ctx: &mut Ctx<'_>) {
         0,
         "/readyz must not reach the origin"
     );
+    // Passing again took at least one check that reached the restarted origin.
     assert!(
-        ctx.origin.count("/") >= checks_before + 2,
+        ctx.origin.count("/") > checks_before,
         "the filter's health checks reach GET /"
     );
 }
