@@ -347,6 +347,14 @@ pub const SCENARIOS: &[Scenario] = &[
         run: cache_status_on_every_response,
     },
     Scenario {
+        name: "coalesced_misses",
+        run: coalesced_misses,
+    },
+    Scenario {
+        name: "revalidated_by_304",
+        run: revalidated_by_304,
+    },
+    Scenario {
         name: "metrics_requests_by_cache_result",
         run: metrics_requests_by_cache_result,
     },
@@ -439,7 +447,14 @@ pub fn run(launcher: &dyn Launcher) {
 pub struct OriginState {
     cut_length: AtomicUsize,
     cut_chunked: AtomicUsize,
+    slow: AtomicUsize,
 }
+
+/// How long the origin takes to answer `/co/slow`.
+const COALESCE_ORIGIN_DELAY: Duration = Duration::from_millis(800);
+
+/// Clients sent at once in [`coalesced_misses`].
+const COALESCE_CLIENTS: usize = 8;
 
 /// Above the shipped `cache.max_entry_bytes` (1 MiB).
 const OVER_LIMIT: usize = (1 << 20) + 4096;
@@ -501,6 +516,21 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             String::from_utf8_lossy(&req.body)
         ))),
         "/metrics/m" => max_age(Reply::text("metric body")),
+        // Slow enough that concurrent misses overlap; numbered so a second fetch shows.
+        "/co/slow" => {
+            let n = state.slow.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(COALESCE_ORIGIN_DELAY);
+            max_age(Reply::text(format!("slow response #{n}")))
+        }
+        // Fresh for 1 s; then a request carrying the validator gets a 304 with new fields.
+        "/rv/etag" if req.headers.get("if-none-match") == Some("\"rv1\"") => Reply::new(304)
+            .header("ETag", "\"rv1\"")
+            .header("Cache-Control", "max-age=60")
+            .header("X-Version", "2"),
+        "/rv/etag" => Reply::text("revalidated body")
+            .header("ETag", "\"rv1\"")
+            .header("Cache-Control", "max-age=1")
+            .header("X-Version", "1"),
         _ => Reply::new(404),
     }
 }
@@ -926,6 +956,97 @@ pub fn metrics_requests_by_cache_result(ctx: &mut Ctx<'_>) {
             "{s:?}"
         );
     }
+}
+
+/// Concurrent misses for one URL (spread over the workers by the kernel) send one request
+/// upstream; the others are held (the filter pauses them) and answered from the stored
+/// response when it lands (resumed through another context's callback, a tick across
+/// workers), reported as RFC 9211 `collapsed`.
+pub fn coalesced_misses(ctx: &mut Ctx<'_>) {
+    let proxy = ctx.shipped();
+    let addr = proxy.listener();
+    let barrier = Arc::new(std::sync::Barrier::new(COALESCE_CLIENTS));
+    let clients: Vec<_> = (0..COALESCE_CLIENTS)
+        .map(|i| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                http::send(addr, "GET", "/co/slow", &[], b"")
+                    .unwrap_or_else(|e| panic!("client {i}: {e}"))
+            })
+        })
+        .collect();
+    let results: Vec<Response> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .collect();
+    let statuses: Vec<_> = results.iter().map(|r| r.header("cache-status")).collect();
+    assert_eq!(
+        ctx.origin.count("/co/slow"),
+        1,
+        "one request upstream; Cache-Status seen: {statuses:?}"
+    );
+    let mut leaders = 0;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.status, 200, "client {i}");
+        assert_eq!(
+            r.text(),
+            "slow response #0",
+            "client {i}: the leader's body"
+        );
+        let cs = CacheStatus::of(r);
+        if cs.has("collapsed") {
+            assert!(!cs.has("stored"), "client {i}: {cs:?}");
+        } else {
+            assert!(cs.has("stored"), "client {i} (leader): {cs:?}");
+            leaders += 1;
+        }
+    }
+    assert_eq!(leaders, 1, "one leader, the others collapsed: {statuses:?}");
+}
+
+/// RFC 9111 §4.3: a stale entry with an ETag is forwarded with `If-None-Match` (a request
+/// header the filter adds), and the origin's 304 freshens it: the client gets the stored
+/// body with the 304's fields (the filter replaces the response while its headers are
+/// being filtered), and the next request is a hit.
+pub fn revalidated_by_304(ctx: &mut Ctx<'_>) {
+    let proxy = ctx.shipped();
+    let r = proxy.get("/rv/etag");
+    assert_eq!(r.status, 200);
+    assert!(
+        CacheStatus::of(&r).has("stored"),
+        "{:?}",
+        r.header("cache-status")
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+
+    let r = proxy.get("/rv/etag");
+    assert_eq!(r.status, 200, "the client asked unconditionally");
+    assert_eq!(r.text(), "revalidated body", "the stored body");
+    assert_eq!(r.header("x-version"), Some("2"), "the 304's field");
+    let cs = CacheStatus::of(&r);
+    assert_eq!(cs.param("fwd"), Some("stale"), "{cs:?}");
+    assert_eq!(cs.param("fwd-status"), Some("304"), "{cs:?}");
+    let seen = ctx.origin.requests();
+    let last = seen
+        .iter()
+        .rev()
+        .find(|q| q.path == "/rv/etag")
+        .expect("the origin saw the revalidation");
+    assert_eq!(
+        last.headers.get("if-none-match"),
+        Some("\"rv1\""),
+        "the filter's validator reached the origin"
+    );
+
+    let r = proxy.get("/rv/etag");
+    assert!(
+        CacheStatus::of(&r).has("hit"),
+        "{:?}",
+        r.header("cache-status")
+    );
+    assert_eq!(r.text(), "revalidated body");
+    assert_eq!(r.header("x-version"), Some("2"));
 }
 
 /// `/readyz` follows the upstream: pass, fail within a bounded wait after the origin

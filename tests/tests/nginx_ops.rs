@@ -416,3 +416,82 @@ fn four_workers_share_one_cache() {
     );
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A response larger than nginx's proxy buffers, to a client that is not reading yet, is
+/// spooled by nginx to a proxy temp file; the module reads those bytes back for the
+/// filter, so the response is still stored, byte for byte, and the next request is a hit.
+#[test]
+fn a_body_spooled_to_a_temp_file_is_stored() {
+    if nginx::skipped() {
+        return;
+    }
+    const LEN: usize = 900_000;
+    let up = Upstream::origin(|req| {
+        if req.path != "/spooled" {
+            return Reply::new(404);
+        }
+        Reply::new(200)
+            .header("Cache-Control", "max-age=60")
+            .header("Content-Type", "application/octet-stream")
+            .body(edge_filter_e2e::scenarios::patterned(LEN))
+    });
+    // A second listener with a tiny send buffer and small proxy buffers: what the slow
+    // client does not take fills them at once, and nginx spools the rest to a file.
+    let slow_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let conf = NginxConf::new(1, &shipped_plugin_config())
+        .listener_line(&format!("listen 127.0.0.1:{slow_port} sndbuf=4k;"))
+        .listener_line("proxy_buffers 4 4k;")
+        .listener_line("proxy_busy_buffers_size 4k;");
+    let nginx = start(&up, &conf);
+
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", slow_port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    use std::io::{Read, Write};
+    // The Host the http client sends, so both requests have one cache key.
+    write!(
+        s,
+        "GET /spooled HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    // Not reading for a while: nginx's buffers fill up and it spools to a temp file.
+    thread::sleep(Duration::from_millis(1500));
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("the whole response");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("stored"), "Cache-Status says stored: {head}");
+    assert_eq!(
+        raw.len() - split - 4,
+        LEN,
+        "the whole body reached the client"
+    );
+    assert!(
+        nginx
+            .error_log()
+            .contains("an upstream response is buffered to a temporary file"),
+        "nginx did not spool the response, so the test did not test file buffers"
+    );
+
+    let hit = nginx.get("/spooled");
+    assert!(
+        CacheStatus::of(&hit).has("hit"),
+        "{:?}",
+        hit.header("cache-status")
+    );
+    assert_eq!(
+        hit.body,
+        edge_filter_e2e::scenarios::patterned(LEN),
+        "the stored bytes"
+    );
+    assert_eq!(up.count("/spooled"), 1);
+    nginx
+        .check_logs(&["buffered to a temporary file"])
+        .unwrap_or_else(|e| panic!("{e}"));
+}
