@@ -284,9 +284,7 @@ extern "C" fn set_proxy_wasm_module(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        let conf = unsafe { &mut *(conf as *mut MainConf) };
-        let args = conf_args(cf);
+    directive(cf, conf, |conf: &mut MainConf, args| {
         let (name, path) = (&args[1], &args[2]);
         if conf.plugins.iter().any(|p| &p.name == name) {
             return Err(format!("proxy_wasm_module \"{name}\" is already defined"));
@@ -301,6 +299,23 @@ extern "C" fn set_proxy_wasm_module(
         let p = Plugin::load(engine(), name, &path).map_err(|e| e.to_string())?;
         conf.plugins.push(p);
         Ok(())
+    })
+}
+
+/// What every directive handler does around its own part: `set` gets this module's
+/// configuration of type `C` (the one nginx passes for the directive's context) and the
+/// directive's arguments; its error (or a panic) becomes one `[emerg]` line naming the
+/// file and line, and fails `nginx -t`.
+pub(crate) fn directive<C>(
+    cf: *mut ngx_conf_t,
+    conf: *mut c_void,
+    set: impl FnOnce(&mut C, &[String]) -> Result<(), String>,
+) -> *mut c_char {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: nginx passes the configuration the command's `conf` offset selects,
+        // which the command table pairs with `C`.
+        let conf = unsafe { &mut *(conf as *mut C) };
+        set(conf, &conf_args(cf))
     }));
     conf_result(cf, r)
 }
@@ -322,12 +337,10 @@ extern "C" fn set_failure_policy(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        let lc = unsafe { &mut *(conf as *mut LocConf) };
+    directive(cf, conf, |lc: &mut LocConf, args| {
         if lc.failure_open.is_some() {
-            return Err("proxy_wasm_failure_policy is duplicate".to_string());
+            return Err("\"proxy_wasm_failure_policy\" directive is duplicate".to_string());
         }
-        let args = conf_args(cf);
         lc.failure_open = Some(match args[1].as_str() {
             "open" => true,
             "closed" => false,
@@ -338,8 +351,7 @@ extern "C" fn set_failure_policy(
             }
         });
         Ok(())
-    }));
-    conf_result(cf, r)
+    })
 }
 
 static NEXT_FILTER_ID: AtomicUsize = AtomicUsize::new(1);
@@ -349,9 +361,7 @@ extern "C" fn set_proxy_wasm(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        let lc = unsafe { &mut *(conf as *mut LocConf) };
-        let args = conf_args(cf);
+    directive(cf, conf, |lc: &mut LocConf, args| {
         let name = &args[1];
         let config = args.get(2).cloned().unwrap_or_default().into_bytes();
         let main = Module::main_conf(unsafe { &*cf })
@@ -380,8 +390,7 @@ extern "C" fn set_proxy_wasm(
         }
         lc.filters.push(filter);
         Ok(())
-    }));
-    conf_result(cf, r)
+    })
 }
 
 thread_local! {

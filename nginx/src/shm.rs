@@ -104,16 +104,13 @@ pub extern "C" fn set_shm_kv(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: nginx passes this module's http main configuration.
-        let conf = unsafe { &mut *(conf as *mut MainConf) };
+    super::directive(cf, conf, |conf: &mut MainConf, _| {
         if conf.shm.kv_size.is_some() {
             return Err("\"proxy_wasm_shm_kv\" directive is duplicate".to_string());
         }
         conf.shm.kv_size = Some(parse_size_arg(cf, KV_ZONE, MIN_KV_ZONE_BYTES)?);
         Ok(())
-    }));
-    super::conf_result(cf, r)
+    })
 }
 
 /// `proxy_wasm_shm_metrics SIZE;`
@@ -122,16 +119,13 @@ pub extern "C" fn set_shm_metrics(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: nginx passes this module's http main configuration.
-        let conf = unsafe { &mut *(conf as *mut MainConf) };
+    super::directive(cf, conf, |conf: &mut MainConf, _| {
         if conf.shm.metrics_size.is_some() {
             return Err("\"proxy_wasm_shm_metrics\" directive is duplicate".to_string());
         }
         conf.shm.metrics_size = Some(parse_size_arg(cf, METRICS_ZONE, MIN_METRICS_ZONE_BYTES)?);
         Ok(())
-    }));
-    super::conf_result(cf, r)
+    })
 }
 
 /// `proxy_wasm_metrics;`: this location serves the metrics.
