@@ -35,6 +35,7 @@ const PORT_RETRIES: usize = 3;
 pub const LOG_PROBLEMS: [&str; 5] = ["[alert]", "[emerg]", "[crit]", "trapped", "panic"];
 
 /// The environment variable that skips every nginx test (explicitly, never by default).
+/// The live monitoring test scrapes nginx as well and is not skipped by it.
 pub const SKIP_ENV: &str = "EDGE_FILTER_SKIP_NGINX";
 
 /// Whether the nginx tests are skipped because `EDGE_FILTER_SKIP_NGINX=1` says so.

@@ -25,7 +25,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use edge_filter_e2e::envoy::repo_root;
-use edge_filter_e2e::{http, poll, Envoy, PrometheusServer, Reply, Upstream};
+use edge_filter_e2e::{
+    http, nginx, poll, Envoy, Nginx, NginxConf, PrometheusServer, Reply, Upstream,
+};
 use serde_json::Value;
 
 /// A small cache, so that it fills up and evicts within seconds; fast readiness checks.
@@ -41,7 +43,16 @@ const ISTIO_NAMESPACE: &str = "shop";
 const ISTIO_POD: &str = "shop-0";
 
 /// The scrape jobs of monitoring/prometheus.yml.
-const JOBS: [&str; 3] = ["edge-filter", "edge-filter-istio", "edge-filter-local"];
+const JOBS: [&str; 4] = [
+    "edge-filter",
+    "edge-filter-istio",
+    "edge-filter-local",
+    "edge-filter-nginx",
+];
+
+/// The jobs that scrape Envoy (the rest scrape nginx, which has no listener counters of
+/// Envoy's kind for the "requests the filter did not see" rule).
+const ENVOY_JOBS: usize = 3;
 
 /// The whole test is bounded by this, whatever Prometheus or Envoy do.
 const TEST_BUDGET: Duration = Duration::from_secs(120);
@@ -58,9 +69,10 @@ fn replace_once(text: &str, from: &str, to: &str, what: &str) -> String {
     text.replacen(from, to, 1)
 }
 
-/// The shipped monitoring/prometheus.yml, for a 1 s scrape of `admin`, with Kubernetes
-/// discovery replaced by file discovery of `pods.json`.
-fn render_prometheus_config(shipped: &str, admin: SocketAddr) -> String {
+/// The shipped monitoring/prometheus.yml, for a 1 s scrape of `admin` (Envoy) and
+/// `nginx_metrics` (nginx's `proxy_wasm_metrics` server), with Kubernetes discovery
+/// replaced by file discovery of `pods.json`.
+fn render_prometheus_config(shipped: &str, admin: SocketAddr, nginx_metrics: SocketAddr) -> String {
     let what = "monitoring/prometheus.yml";
     let text = replace_once(shipped, "scrape_interval: 15s", "scrape_interval: 1s", what);
     let text = replace_once(
@@ -73,6 +85,12 @@ fn render_prometheus_config(shipped: &str, admin: SocketAddr) -> String {
         &text,
         "targets: [\"127.0.0.1:9901\"]",
         &format!("targets: [\"{admin}\"]"),
+        what,
+    );
+    let text = replace_once(
+        &text,
+        "targets: [\"127.0.0.1:9145\"]",
+        &format!("targets: [\"{nginx_metrics}\"]"),
         what,
     );
     let k8s = "    kubernetes_sd_configs:\n      - role: pod\n";
@@ -461,6 +479,12 @@ fn prometheus_scrapes_envoy_and_every_rule_and_panel_has_data() {
     });
     let envoy = Envoy::start(up.port(), PLUGIN_CONFIG);
     let traffic = Traffic::start(envoy.listener_addr());
+    // The same filter in the stock nginx (the shipped nginx.conf), scraped by the
+    // edge-filter-nginx job: the rules and the dashboard must work for it too.
+    nginx::module_path().unwrap_or_else(|e| panic!("{e}"));
+    let nginx = Nginx::try_start(up.port(), &NginxConf::new(2, PLUGIN_CONFIG))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let nginx_traffic = Traffic::start(nginx.listener_addr());
 
     // --- Prometheus with the shipped configuration and rules ------------------------------
     let prepared = PrometheusServer::prepare().unwrap_or_else(|e| panic!("{e}"));
@@ -468,7 +492,7 @@ fn prometheus_scrapes_envoy_and_every_rule_and_panel_has_data() {
     prepared
         .write(
             "prometheus.yml",
-            &render_prometheus_config(&shipped, envoy.admin_addr()),
+            &render_prometheus_config(&shipped, envoy.admin_addr(), nginx.metrics_addr()),
         )
         .unwrap();
     prepared
@@ -500,12 +524,13 @@ fn prometheus_scrapes_envoy_and_every_rule_and_panel_has_data() {
     );
     let prom = PrometheusServer::start(prepared).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
-        "monitoring: Envoy and Prometheus ({}) up after {:?}",
+        "monitoring: Envoy, nginx and Prometheus ({}) up after {:?}",
         prom.addr(),
         started.elapsed()
     );
 
-    // --- all three jobs scrape this Envoy, the Kubernetes ones through their relabelling -
+    // --- three jobs scrape this Envoy, the Kubernetes ones through their relabelling; ----
+    // --- one scrapes nginx -----------------------------------------------------------------
     let (active, dropped) = poll(Duration::from_secs(20), Duration::from_millis(250), || {
         let (active, dropped) = prom.targets().ok()?;
         let up = active
@@ -514,7 +539,7 @@ fn prometheus_scrapes_envoy_and_every_rule_and_panel_has_data() {
             .count();
         (up == JOBS.len()).then_some((active, dropped))
     })
-    .unwrap_or_else(|| panic!("three healthy targets never showed: {:?}", prom.targets()));
+    .unwrap_or_else(|| panic!("four healthy targets never showed: {:?}", prom.targets()));
     assert_eq!(active.len(), JOBS.len(), "active targets: {active:?}");
     let target_of = |job: &str| {
         active
@@ -545,6 +570,12 @@ fn prometheus_scrapes_envoy_and_every_rule_and_panel_has_data() {
         );
     }
     target_of("edge-filter-local");
+    assert_eq!(
+        target_of("edge-filter-nginx")
+            .get("scrapeUrl")
+            .and_then(Value::as_str),
+        Some(format!("http://{}/metrics", nginx.metrics_addr()).as_str())
+    );
     // Each Kubernetes job sees all six pod targets and keeps one.
     assert_eq!(dropped.len(), 2 * 5, "dropped targets: {dropped:?}");
 
@@ -669,12 +700,13 @@ fn prometheus_scrapes_envoy_and_every_rule_and_panel_has_data() {
     );
 
     // --- what the filter's own premises say about this run -------------------------------
-    // The filter saw every request Envoy completed on the edge listener.
+    // The filter saw every request Envoy completed on the edge listener (nginx has no
+    // such counter: the rule has no series for it).
     let unseen = prom
         .query("instance:edge_filter_unseen_requests:ratio_rate5m")
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        unseen.len() == JOBS.len() && unseen.iter().all(|s| s.value.abs() < 0.05),
+        unseen.len() == ENVOY_JOBS && unseen.iter().all(|s| s.value.abs() < 0.05),
         "requests the filter did not see: {unseen:?}"
     );
     for quiet in [
@@ -698,6 +730,8 @@ fn prometheus_scrapes_envoy_and_every_rule_and_panel_has_data() {
     eprintln!("monitoring: alerts active at the end: {active:?}");
 
     traffic_stop(traffic);
+    traffic_stop(nginx_traffic);
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
     check_access_log(&envoy.access_log());
     eprintln!("monitoring: done in {:?}", started.elapsed());
     assert!(
@@ -834,9 +868,11 @@ fn dashboard_variables_are_substituted() {
 fn shipped_prometheus_config_renders_for_the_test() {
     let shipped = read(&monitoring_dir().join("prometheus.yml"));
     let admin: SocketAddr = "127.0.0.1:4321".parse().unwrap();
-    let out = render_prometheus_config(&shipped, admin);
+    let nginx: SocketAddr = "127.0.0.1:4322".parse().unwrap();
+    let out = render_prometheus_config(&shipped, admin, nginx);
     assert!(out.contains("scrape_interval: 1s"));
     assert!(out.contains("targets: [\"127.0.0.1:4321\"]"));
+    assert!(out.contains("targets: [\"127.0.0.1:4322\"]"));
     assert!(out.contains("file_sd_configs:"));
     assert!(!out.contains("kubernetes_sd_configs"));
     let (short, alerts) = shorten_for(
