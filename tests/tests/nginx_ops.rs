@@ -22,8 +22,8 @@ use edge_filter_e2e::{CacheStatus, Nginx, NginxConf, Reply, ScratchDir, Upstream
 const TRAP_HEADER: &str = "x-trap";
 
 /// A Proxy-Wasm filter that traps (`unreachable`) when the request has an `x-trap`
-/// header, and otherwise passes everything, adding `x-filter: trap-filter` to responses
-/// so a test sees that it ran.
+/// header, or in the response phase when the response has one, and otherwise passes
+/// everything, adding `x-filter: trap-filter` to responses so a test sees that it ran.
 const TRAP_FILTER_WAT: &str = r#"
 (module
   (import "env" "proxy_get_header_map_value"
@@ -52,6 +52,9 @@ const TRAP_FILTER_WAT: &str = r#"
     (i32.const 0))
   (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
     ;; map 2 = response headers.
+    (if (i32.eqz (call $get_header (i32.const 2) (i32.const 16) (i32.const 6)
+                                   (i32.const 8) (i32.const 12)))
+      (then unreachable))
     (drop (call $add_header (i32.const 2) (i32.const 32) (i32.const 8)
                             (i32.const 48) (i32.const 11)))
     (i32.const 0))
@@ -70,10 +73,16 @@ fn write_atomically(path: &Path, bytes: &[u8]) {
     fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
 }
 
-/// An origin answering `origin <path>` to everything; `/cached` may be stored.
+/// An origin answering `origin <path>` to everything; `/cached` may be stored;
+/// `/trap-response` carries the header that makes the test filter trap on the response.
 fn origin() -> Upstream {
     Upstream::origin(|req| {
         let r = Reply::text(format!("origin {}", req.path));
+        if req.path == "/trap-response" {
+            return r
+                .header(TRAP_HEADER, "1")
+                .header("Cache-Control", "no-store");
+        }
         if req.path.starts_with("/cached") {
             r.header("Cache-Control", "max-age=60")
         } else {
@@ -188,6 +197,94 @@ fn trap_fails_closed_with_500() {
             "a failed-closed request went upstream"
         );
     });
+}
+
+/// A trap while the response headers are filtered: fail-closed replaces the response
+/// with a 500 (nothing was sent yet); fail-open sends the upstream's response as it is,
+/// without the trapped filter. Either way the worker survives.
+#[test]
+fn a_trap_in_the_response_phase_follows_the_policy() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = origin();
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("trap-filter.wasm");
+    write_atomically(&wasm, &trap_filter_bytes());
+    for (policy, want) in [("closed", 500), ("open", 200)] {
+        let nginx = start(
+            &up,
+            &NginxConf::new(1, "{}").wasm(&wasm).failure_policy(policy),
+        );
+        let workers = nginx.worker_pids().to_vec();
+        let r = nginx.get("/trap-response");
+        assert_eq!(r.status, want, "{policy}: {}", r.text());
+        if policy == "open" {
+            assert_eq!(r.text(), "origin /trap-response", "{policy}");
+            assert_eq!(r.header(TRAP_HEADER), Some("1"), "{policy}");
+            assert_eq!(
+                r.header("x-filter"),
+                None,
+                "{policy}: the filter was skipped"
+            );
+        }
+        let next = nginx.get("/after");
+        assert_eq!(next.status, 200, "{policy}");
+        assert_eq!(next.header("x-filter"), Some("trap-filter"), "{policy}");
+        assert_eq!(
+            nginx.running_workers(),
+            workers,
+            "{policy}: the worker was replaced"
+        );
+        nginx
+            .check_logs(&["trapped"])
+            .unwrap_or_else(|e| panic!("{policy}: {e}"));
+    }
+    assert_eq!(up.count("/trap-response"), 2, "both went upstream");
+}
+
+/// A request the filter holds (a coalesced waiter) whose client goes away: nginx ends the
+/// request and its stream, the leader's response still lands, and the other waiters are
+/// answered from it.
+#[test]
+fn a_waiter_whose_client_leaves_ends_cleanly() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        if req.path != "/slow-shared" {
+            return Reply::new(404);
+        }
+        thread::sleep(Duration::from_millis(1200));
+        Reply::text("slow").header("Cache-Control", "max-age=60")
+    });
+    let nginx = start(&up, &NginxConf::new(1, &shipped_plugin_config()));
+    let addr = nginx.listener_addr();
+    let leader = thread::spawn(move || http::send(addr, "GET", "/slow-shared", &[], b""));
+    thread::sleep(Duration::from_millis(200));
+    // A waiter that leaves: it sends its request and closes the connection.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(b"GET /slow-shared HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+            .unwrap();
+        thread::sleep(Duration::from_millis(200));
+    }
+    let waiter = thread::spawn(move || http::send(addr, "GET", "/slow-shared", &[], b""));
+    let leader = leader.join().unwrap().expect("the leader's response");
+    let waiter = waiter.join().unwrap().expect("the waiter's response");
+    assert_eq!(leader.text(), "slow");
+    assert_eq!(waiter.text(), "slow");
+    assert!(
+        CacheStatus::of(&waiter).has("collapsed"),
+        "{:?}",
+        waiter.header("cache-status")
+    );
+    assert_eq!(up.count("/slow-shared"), 1, "one request upstream");
+    // The next request is a plain hit, and the worker never crashed.
+    let hit = nginx.get("/slow-shared");
+    assert!(CacheStatus::of(&hit).has("hit"));
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// What the load clients saw.
