@@ -86,13 +86,24 @@ pub struct MainConf {
     shm: shm::ShmConf,
 }
 
-/// One `proxy_wasm` directive: a filter in a chain.
+/// One `proxy_wasm` directive: a filter in a chain. Cheap to clone (requests, streams,
+/// timers and calls all hold one).
 #[derive(Clone)]
-pub struct FilterRef {
+pub struct FilterRef(std::sync::Arc<FilterDef>);
+
+/// What a `proxy_wasm` directive declares.
+pub struct FilterDef {
     /// Identifies this filter's VM in each worker.
     id: usize,
     plugin: Plugin,
     config: Vec<u8>,
+}
+
+impl std::ops::Deref for FilterRef {
+    type Target = FilterDef;
+    fn deref(&self) -> &FilterDef {
+        &self.0
+    }
 }
 
 /// The server/location configuration: the filter chain and its failure policy.
@@ -380,11 +391,11 @@ extern "C" fn set_proxy_wasm(
         // refuses (or a module that cannot be instantiated).
         PluginVm::new(engine(), &plugin, &config, log_to_nginx, LogLevel::Warn)
             .map_err(|e| format!("proxy_wasm \"{name}\": {e}"))?;
-        let filter = FilterRef {
+        let filter = FilterRef(std::sync::Arc::new(FilterDef {
             id: NEXT_FILTER_ID.fetch_add(1, Ordering::Relaxed),
             plugin,
             config,
-        };
+        }));
         if let Some(main) = Module::main_conf_mut(unsafe { &*cf }) {
             main.filters.push(filter.clone());
         }

@@ -16,10 +16,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_buf_t, ngx_chain_t, ngx_create_temp_buf, ngx_http_block_reading,
-    ngx_http_discard_request_body, ngx_http_filter_finalize_request, ngx_http_output_filter,
-    ngx_http_request_t, ngx_http_send_header, ngx_http_test_reading, ngx_int_t, ngx_post_event,
-    ngx_posted_events, NGX_LOG_NOTICE,
+    ngx_add_timer, ngx_buf_t, ngx_chain_t, ngx_create_temp_buf, ngx_del_timer,
+    ngx_http_block_reading, ngx_http_discard_request_body, ngx_http_filter_finalize_request,
+    ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_http_test_reading,
+    ngx_int_t, ngx_post_event, ngx_posted_events, NGX_LOG_NOTICE,
 };
 use ngx::http::{HTTPStatus, HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
@@ -35,6 +35,12 @@ use crate::{log_to_nginx, with_vm, FilterRef, LocConf, Module};
 /// The most response body a filter may hold back with `StopIterationAndBuffer` (Envoy's
 /// default buffer limit is 1 MiB per stream; a cache entry may be larger).
 pub const MAX_BUFFERED_BODY: usize = 16 << 20;
+
+/// The longest a filter may hold a request (its own timeouts, such as edge-filter's
+/// coalescing timeout, are far shorter). The timer also keeps a worker that shuts down
+/// gracefully (`nginx -s reload`, `quit`) alive until the request is answered: nginx
+/// exits a worker once no non-cancelable timer is left, and a held request has no other.
+pub const MAX_PAUSE_MS: usize = 60_000;
 
 /// nginx's "close the connection without a response" status (`proxy_close_stream`).
 const NGX_HTTP_CLOSE: ngx_int_t = 444;
@@ -164,7 +170,11 @@ unsafe fn wake(r: *mut ngx_http_request_t, why: Wake) {
     (*r).read_event_handler = Some(ngx_http_block_reading);
     let c = (*r).connection;
     if !c.is_null() && !(*c).write.is_null() {
-        ngx_post_event((*c).write, std::ptr::addr_of_mut!(ngx_posted_events));
+        let w = (*c).write;
+        if (*w).timer_set() != 0 {
+            ngx_del_timer(w);
+        }
+        ngx_post_event(w, std::ptr::addr_of_mut!(ngx_posted_events));
     }
 }
 
@@ -215,10 +225,24 @@ unsafe fn request_headers(r: *mut ngx_http_request_t) -> ngx_int_t {
                 ctx.phase = Phase::Done;
                 return declined;
             }
-            // A spurious run while paused: keep waiting.
             Phase::Paused => {
-                ctx.phase = Phase::Paused;
-                return Status::NGX_DONE.0;
+                let w = (*(*r).connection).write;
+                if (*w).timedout() == 0 {
+                    // A spurious run while paused: keep waiting.
+                    ctx.phase = Phase::Paused;
+                    return Status::NGX_DONE.0;
+                }
+                (*w).set_timedout(0);
+                PAUSED.with(|p| p.borrow_mut().retain(|_, q| *q != r));
+                let filter = ctx.chain[ctx.next - 1].name();
+                log_to_nginx(
+                    LogLevel::Error,
+                    &format!(
+                        "filter \"{filter}\" held the request for more than {MAX_PAUSE_MS} ms; \
+                         answering 504"
+                    ),
+                );
+                Verdict::Finalize(HTTPStatus::GATEWAY_TIME_OUT.0 as ngx_int_t)
             }
             Phase::Woken(Wake::Action(StreamAction::Resume)) => run_chain(ctx),
             Phase::Woken(Wake::Action(StreamAction::LocalResponse(lr))) => Verdict::Local(lr),
@@ -261,6 +285,8 @@ unsafe fn request_headers(r: *mut ngx_http_request_t) -> ngx_int_t {
             PAUSED.with(|p| p.borrow_mut().insert((s.filter.id, s.gen, s.id), r));
             // Notice a client that goes away while it waits.
             (*r).read_event_handler = Some(ngx_http_test_reading);
+            let w = (*(*r).connection).write;
+            ngx_add_timer(w, MAX_PAUSE_MS as _);
             Status::NGX_DONE.0
         }
         Verdict::Pass => {

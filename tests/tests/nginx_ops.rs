@@ -287,6 +287,66 @@ fn a_waiter_whose_client_leaves_ends_cleanly() {
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A request the filter holds keeps its worker alive through a graceful reload: a
+/// coalesced waiter on one worker, waiting for a fetch another worker makes, is still
+/// answered after `nginx -s reload` told its worker to go. (The waiter has no timer of
+/// nginx's own; nginx exits a shutting-down worker once no non-cancelable timer is left,
+/// which once cut such requests off: "open socket left in connection".)
+#[test]
+fn a_held_request_survives_a_reload_of_its_worker() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        if req.path != "/slow-reload" {
+            return Reply::new(404);
+        }
+        // Longer than a reload takes to reach the old workers (the master compiles the
+        // .wasm again first), so the waiter is still held when its worker is told to go.
+        thread::sleep(Duration::from_millis(4000));
+        Reply::text("slow").header("Cache-Control", "max-age=60")
+    });
+    let conf = NginxConf::new(2, &shipped_plugin_config())
+        .listener_line("add_header X-Worker $pid always;");
+    let mut nginx = start(&up, &conf);
+    let addr = nginx.listener_addr();
+    // Two keep-alive connections served by different workers.
+    let worker_of = |c: &mut KeepAliveClient| -> String {
+        let r = c.get("/healthz").expect("GET /healthz");
+        r.header("x-worker").expect("X-Worker").to_string()
+    };
+    let mut leader = KeepAliveClient::new(addr);
+    let leader_worker = worker_of(&mut leader);
+    let mut waiter = None;
+    for _ in 0..200 {
+        let mut c = KeepAliveClient::new(addr);
+        if worker_of(&mut c) != leader_worker {
+            waiter = Some(c);
+            break;
+        }
+    }
+    let mut waiter = waiter.expect("200 connections, all on one worker");
+
+    let leader = thread::spawn(move || leader.get("/slow-reload"));
+    thread::sleep(Duration::from_millis(300));
+    let waiter = thread::spawn(move || waiter.get("/slow-reload"));
+    thread::sleep(Duration::from_millis(300));
+    nginx.reload().unwrap_or_else(|e| panic!("{e}"));
+
+    let leader = leader.join().unwrap().expect("the leader's response");
+    let waiter = waiter.join().unwrap().expect("the held request's response");
+    assert_eq!(leader.text(), "slow");
+    assert_eq!(waiter.status, 200);
+    assert_eq!(waiter.text(), "slow");
+    assert!(
+        CacheStatus::of(&waiter).has("collapsed"),
+        "the waiter was held and answered from the stored response: {:?}",
+        waiter.header("cache-status")
+    );
+    assert_eq!(up.count("/slow-reload"), 1, "one request upstream");
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// What the load clients saw.
 #[derive(Default, Debug)]
 struct LoadStats {
