@@ -13,7 +13,10 @@ duration="${1:-10}"
 conns="${2:-32}"
 module="${NGX_PROXY_WASM_MODULE:-$here/target/release/libngx_proxy_wasm.so}"
 wasm="${EDGE_FILTER_WASM:-$root/target/wasm32-wasip1/release/edge_filter.wasm}"
-for f in "$module" "$wasm"; do
+# The harness's no-op Proxy-Wasm filter (Rust SDK): the module's own cost per request.
+noop="$root/target/wasm32-wasip1/release/noop_filter.wasm"
+[ -f "$noop" ] || (cd "$root" && cargo build --release --target wasm32-wasip1 -p proxy-wasm-harness-noop)
+for f in "$module" "$wasm" "$noop"; do
     [ -f "$f" ] || { echo "bench.sh: missing $f" >&2; exit 2; }
 done
 command -v wrk >/dev/null || sudo_apt=1
@@ -33,10 +36,12 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 p_filter="$(free_port)"; p_cache="$(free_port)"; p_file="$(free_port)"; p_origin="$(free_port)"
+p_return="$(free_port)"
 mkdir -p "$tmp/www" "$tmp/cache"
 # Workers run as an unprivileged user when started as root: let them read the files.
 chmod 755 "$tmp" "$tmp/www"
 head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 > "$tmp/www/obj"
+obj_body="$(cat "$tmp/www/obj")"   # base64: safe inside an nginx string
 chmod 644 "$tmp/www/obj"
 
 cat > "$tmp/nginx.conf" <<CONF
@@ -52,6 +57,7 @@ http {
     uwsgi_temp_path $tmp/u; scgi_temp_path $tmp/s;
     proxy_cache_path $tmp/cache keys_zone=bench:10m;
     proxy_wasm_module edge_filter $wasm;
+    proxy_wasm_module noop $noop;
     upstream origin { server 127.0.0.1:$p_origin; keepalive 16; }
     # edge-filter: hits are local replies from the rewrite phase.
     server {
@@ -76,6 +82,13 @@ http {
         listen 127.0.0.1:$p_file;
         location / { root $tmp/www; }
     }
+    # The module's floor: nginx answering from its rewrite phase (return), without and
+    # with the no-op Proxy-Wasm filter (its 7 callbacks per request, no work in them).
+    server {
+        listen 127.0.0.1:$p_return;
+        location /return { return 200 "$obj_body"; }
+        location /noop { proxy_wasm noop; return 200 "$obj_body"; }
+    }
     # The origin: the same file with a freshness lifetime.
     server {
         listen 127.0.0.1:$p_origin;
@@ -94,9 +107,9 @@ done
 hit="$(curl -s -D - -o /dev/null "http://127.0.0.1:$p_filter/obj" | tr -d '\r' | grep -i '^cache-status' || true)"
 case "$hit" in *"; hit"*) ;; *) echo "bench.sh: edge-filter did not hit: '$hit'" >&2; exit 1 ;; esac
 
-run() { # name port
+run() { # name port [path]
     local out rps p50 p99
-    out="$(taskset -c 1 wrk -t1 -c"$conns" -d"${duration}s" --latency "http://127.0.0.1:$2/obj")"
+    out="$(taskset -c 1 wrk -t1 -c"$conns" -d"${duration}s" --latency "http://127.0.0.1:$2${3:-/obj}")"
     rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
     p50="$(awk '$1=="50%" {print $2}' <<<"$out")"
     p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
@@ -111,6 +124,8 @@ echo "|---|---|---|---|"
 run "edge-filter hit (proxy_wasm)" "$p_filter"
 run "nginx proxy_cache hit" "$p_cache"
 run "nginx static file" "$p_file"
+run "nginx \`return 200\` (no filter)" "$p_return" /return
+run "nginx \`return 200\` + no-op Proxy-Wasm filter" "$p_return" /noop
 worker="$(pgrep -P "$pid" | head -1)"
 echo
 echo "worker RSS after the run: $(ps -o rss= -p "$worker" | tr -d ' ') KiB (master $(ps -o rss= -p "$pid" | tr -d ' ') KiB)"
