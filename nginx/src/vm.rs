@@ -231,38 +231,30 @@ impl PluginVm {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
         };
         if let Some(f) = init {
-            vm.call("_initialize", &f, ())?;
+            call(&mut vm.store, "_initialize", &f, ())?;
         }
         if let Some(f) = vm.exports.on_context_create.clone() {
-            vm.call("proxy_on_context_create", &f, (1, 0))?;
+            call(&mut vm.store, "proxy_on_context_create", &f, (1, 0))?;
         }
         if let Some(f) = on_vm_start {
-            if vm.call("proxy_on_vm_start", &f, (1, 0))? == 0 {
+            if call(&mut vm.store, "proxy_on_vm_start", &f, (1, 0))? == 0 {
                 return Err(VmError::VmStartFailed);
             }
         }
         if let Some(f) = on_configure {
             vm.store.data_mut().plugin_config = Some(config.to_vec());
-            let r = vm.call("proxy_on_configure", &f, (1, config.len() as i32));
+            let r = call(
+                &mut vm.store,
+                "proxy_on_configure",
+                &f,
+                (1, config.len() as i32),
+            );
             vm.store.data_mut().plugin_config = None;
             if r? == 0 {
                 return Err(VmError::ConfigureFailed);
             }
         }
         Ok(vm)
-    }
-
-    fn call<P, R>(
-        &mut self,
-        callback: &'static str,
-        f: &TypedFunc<P, R>,
-        params: P,
-    ) -> Result<R, VmError>
-    where
-        P: wasmtime::WasmParams,
-        R: wasmtime::WasmResults,
-    {
-        call(&mut self.store, callback, f, params)
     }
 
     /// Creates an HTTP stream context under the root context.
@@ -482,7 +474,7 @@ impl PluginVm {
             d.effective = d.root;
             d.root
         };
-        self.call("proxy_on_tick", &f, root as i32)
+        call(&mut self.store, "proxy_on_tick", &f, root as i32)
     }
 
     /// Runs `proxy_on_http_call_response` for call `token` of `context`, with the
@@ -518,7 +510,8 @@ impl PluginVm {
             };
             d.call_response = response;
         }
-        let r = self.call(
+        let r = call(
+            &mut self.store,
             "proxy_on_http_call_response",
             &f,
             (
