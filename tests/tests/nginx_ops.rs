@@ -347,6 +347,92 @@ fn a_held_request_survives_a_reload_of_its_worker() {
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A filter that rewrites the response: `:status` becomes 203, `content-length` goes
+/// (the body changes length), `x-rewritten: yes` is added, and the body is held back with
+/// `StopIterationAndBuffer` until its end, where the filter sees all of it at once and
+/// replaces it: `ALL 20000 BYTES` when the buffered body was whole, else `PARTIAL`.
+const REWRITE_FILTER_WAT: &str = r#"
+(module
+  (import "env" "proxy_replace_header_map_value"
+    (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value"
+    (func $remove (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value"
+    (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes"
+    (func $set_body (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 16) ":status")
+  (data (i32.const 32) "203")
+  (data (i32.const 48) "content-length")
+  (data (i32.const 64) "x-rewritten")
+  (data (i32.const 80) "yes")
+  (data (i32.const 96) "ALL 20000 BYTES")
+  (data (i32.const 128) "PARTIAL")
+  (global $heap (mut i32) (i32.const 65536))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $replace (i32.const 2) (i32.const 16) (i32.const 7) (i32.const 32) (i32.const 3)))
+    (drop (call $remove (i32.const 2) (i32.const 48) (i32.const 14)))
+    (drop (call $add (i32.const 2) (i32.const 64) (i32.const 11) (i32.const 80) (i32.const 3)))
+    (i32.const 0))
+  ;; Buffer type 1 = the response body; action 1 = StopIterationAndBuffer.
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32)
+    (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (if (i32.eq (local.get $size) (i32.const 20000))
+      (then (drop (call $set_body (i32.const 1) (i32.const 0) (local.get $size)
+                                  (i32.const 96) (i32.const 15))))
+      (else (drop (call $set_body (i32.const 1) (i32.const 0) (local.get $size)
+                                  (i32.const 128) (i32.const 7)))))
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_abi_version_0_2_1")))
+"#;
+
+/// Response rewriting in nginx: `:status` and header changes are applied, a body held
+/// back with `StopIterationAndBuffer` over several upstream chunks reaches the filter
+/// whole at its end, and the filter's replacement is what the client gets.
+#[test]
+fn a_filter_rewrites_status_headers_and_a_buffered_body() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        if req.path != "/rewrite" {
+            return Reply::new(404);
+        }
+        Reply::new(200).body(vec![b'o'; 20_000]).mode(
+            edge_filter_e2e::upstream::BodyMode::Chunked {
+                sizes: vec![4000, 4000, 4000, 4000],
+                pause: Duration::from_millis(20),
+            },
+        )
+    });
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("rewrite-filter.wasm");
+    write_atomically(
+        &wasm,
+        &wat::parse_str(REWRITE_FILTER_WAT).expect("the test filter's WAT"),
+    );
+    let nginx = start(&up, &NginxConf::new(1, "{}").wasm(&wasm));
+    let r = nginx.get("/rewrite");
+    assert_eq!(r.status, 203, "{:?}", r.headers);
+    assert_eq!(r.header("x-rewritten"), Some("yes"));
+    assert_eq!(
+        r.text(),
+        "ALL 20000 BYTES",
+        "the filter saw the whole body at its end and replaced it"
+    );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// What the load clients saw.
 #[derive(Default, Debug)]
 struct LoadStats {
