@@ -364,11 +364,6 @@ impl PluginVm {
         std::mem::take(&mut self.store.data_mut().actions)
     }
 
-    /// Whether stream `id` is live in this VM.
-    pub fn has_stream(&self, id: u32) -> bool {
-        self.store.data().streams.contains(&id)
-    }
-
     /// Runs `on_response_body` for stream `id` with `body`: the chunk as it streams, or
     /// everything buffered since the filter last paused (Envoy's buffering rule).
     pub fn response_body(
