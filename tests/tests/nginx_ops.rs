@@ -91,6 +91,18 @@ fn origin() -> Upstream {
     })
 }
 
+/// An origin that answers `path` with `slow`, cacheable, after `delay` (so that requests
+/// for it overlap); 404 elsewhere.
+fn slow_origin(path: &'static str, delay: Duration) -> Upstream {
+    Upstream::origin(move |req| {
+        if req.path != path {
+            return Reply::new(404);
+        }
+        thread::sleep(delay);
+        Reply::text("slow").header("Cache-Control", "max-age=60")
+    })
+}
+
 /// Starts nginx with `conf`, or says why the nginx tests cannot run.
 fn start(up: &Upstream, conf: &NginxConf) -> Nginx {
     nginx::module_path().unwrap_or_else(|e| panic!("{e}"));
@@ -251,13 +263,7 @@ fn a_waiter_whose_client_leaves_ends_cleanly() {
     if nginx::skipped() {
         return;
     }
-    let up = Upstream::origin(|req| {
-        if req.path != "/slow-shared" {
-            return Reply::new(404);
-        }
-        thread::sleep(Duration::from_millis(1200));
-        Reply::text("slow").header("Cache-Control", "max-age=60")
-    });
+    let up = slow_origin("/slow-shared", Duration::from_millis(1200));
     let nginx = start(&up, &NginxConf::new(1, &shipped_plugin_config()));
     let addr = nginx.listener_addr();
     let leader = thread::spawn(move || http::send(addr, "GET", "/slow-shared", &[], b""));
@@ -297,15 +303,9 @@ fn a_held_request_survives_a_reload_of_its_worker() {
     if nginx::skipped() {
         return;
     }
-    let up = Upstream::origin(|req| {
-        if req.path != "/slow-reload" {
-            return Reply::new(404);
-        }
-        // Longer than a reload takes to reach the old workers (the master compiles the
-        // .wasm again first), so the waiter is still held when its worker is told to go.
-        thread::sleep(Duration::from_millis(4000));
-        Reply::text("slow").header("Cache-Control", "max-age=60")
-    });
+    // Longer than a reload takes to reach the old workers (the master compiles the .wasm
+    // again first), so the waiter is still held when its worker is told to go.
+    let up = slow_origin("/slow-reload", Duration::from_millis(4000));
     let conf = NginxConf::new(2, &shipped_plugin_config())
         .listener_line("add_header X-Worker $pid always;");
     let mut nginx = start(&up, &conf);
