@@ -10,7 +10,7 @@ use crate::cache::entry::{self, EntryView, ResponseView};
 use crate::cache::key::CacheKey;
 use crate::cache::lookup::{self, Found, Hit};
 use crate::cache::policy::{
-    self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
+    self, Forward, Headers, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
 use crate::cache::status::{self, CacheStatus};
 use crate::config::CacheConfig;
@@ -78,6 +78,8 @@ pub struct Http {
     invalidate: Option<(String, CacheKey)>,
     status: u32,
     cpu_us: u64,
+    /// When the current callback started (Unix µs); see [`Http::timed`].
+    started_us: u64,
 }
 
 impl Http {
@@ -97,25 +99,30 @@ impl Http {
             invalidate: None,
             status: 0,
             cpu_us: 0,
+            started_us: 0,
         }
     }
 
     /// Runs `f` and adds its duration to the request's filter time.
+    /// `started_us` is the callback's start: callbacks use it as "now" instead of
+    /// reading the clock again.
     fn timed<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         let t0 = now_us();
+        self.started_us = t0;
         let r = f(self);
         self.cpu_us += now_us().saturating_sub(t0);
         r
     }
 
-    fn header(&self, name: &str) -> Option<String> {
-        self.get_http_request_header(name)
+    /// Now, in Unix milliseconds, as of the start of the current callback.
+    fn now_ms(&self) -> u64 {
+        self.started_us / 1000
     }
 
-    fn request_key(&self, path: &str) -> Result<CacheKey, crate::cache::key::KeyError> {
-        let scheme = self.header(":scheme").unwrap_or_else(|| "http".into());
-        let authority = self.header(":authority").unwrap_or_default();
-        CacheKey::new(&scheme, &authority, path)
+    fn request_key(headers: &Headers, path: &str) -> Result<CacheKey, crate::cache::key::KeyError> {
+        let scheme = first(headers, ":scheme").unwrap_or("http");
+        let authority = first(headers, ":authority").unwrap_or_default();
+        CacheKey::new(scheme, authority, path)
     }
 
     fn reply(&mut self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) -> Action {
@@ -132,8 +139,11 @@ impl Http {
         let Some(state) = guard.as_mut() else {
             return Action::Continue;
         };
-        let method = self.header(":method").unwrap_or_default();
-        let path = self.header(":path").unwrap_or_default();
+        // One host call for the whole map: the pseudo-headers are in it, and a lookup
+        // needs the rest anyway (a hit's largest fixed cost is host calls).
+        let headers = self.get_http_request_headers();
+        let method = first(&headers, ":method").unwrap_or_default().to_string();
+        let path = first(&headers, ":path").unwrap_or_default().to_string();
         let path_only = path.split('?').next().unwrap_or("");
         let is_read = method == "GET" || method == "HEAD";
         let h = &state.config.health;
@@ -146,7 +156,7 @@ impl Http {
             return self.health(state, probe);
         }
         if state.config.purge.enabled && method == state.config.purge.method {
-            return self.purge(state, &path);
+            return self.purge(state, &path, &headers);
         }
         if !state.config.cache.enabled {
             return Action::Continue;
@@ -155,21 +165,20 @@ impl Http {
             self.fwd = Forward::Method;
             // Unknown methods pass through untouched; only their outcome is looked at.
             if !policy::is_safe_method(&method) {
-                if let Ok(key) = self.request_key(&path) {
+                if let Ok(key) = Self::request_key(&headers, &path) {
                     self.invalidate = Some((method, key));
                 }
             }
             return Action::Continue;
         }
-        let key = match self.request_key(&path) {
+        let key = match Self::request_key(&headers, &path) {
             Ok(k) => k,
             Err(e) => {
                 self.detail = Some(e.as_str());
                 return Action::Continue;
             }
         };
-        let headers = self.get_http_request_headers();
-        let now = now_ms();
+        let now = self.now_ms();
         let mut lookup = Lookup {
             key,
             head: method == "HEAD",
@@ -419,7 +428,7 @@ impl Http {
 
     fn health(&mut self, state: &mut State, probe: Probe) -> Action {
         self.probe = true;
-        let now = now_ms();
+        let now = self.now_ms();
         let _ = state.store.refresh();
         let check = hostcalls::get_shared_data(READY_KEY)
             .ok()
@@ -455,7 +464,7 @@ impl Http {
     /// A purge: the target URL and all its variants, or every URL under a prefix when the
     /// path ends with `*`. Only with the configured token; anyone else gets 403 and nothing
     /// is touched.
-    fn purge(&mut self, state: &mut State, path: &str) -> Action {
+    fn purge(&mut self, state: &mut State, path: &str, headers: &Headers) -> Action {
         let p = &state.config.purge;
         let token = self
             .get_http_request_header_bytes(&p.token_header)
@@ -476,7 +485,7 @@ impl Http {
             Some(t) => (t, true),
             None => (path, false),
         };
-        let Ok(key) = self.request_key(target) else {
+        let Ok(key) = Self::request_key(headers, target) else {
             state.metrics.purge("error");
             return self.reply(
                 400,
@@ -537,7 +546,7 @@ impl Http {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let status = self.status as u16;
-        let now = now_ms();
+        let now = self.now_ms();
         if let Some((method, key)) = self.invalidate.take() {
             for k in policy::invalidation_targets(&method, status, &key, &headers) {
                 let _ = state.store.remove(k.hash64());
@@ -823,6 +832,11 @@ pub fn send_stored(
     status
 }
 
+/// The first value of `name` (lower-case, as hosts give header names) in `h`.
+fn first<'a>(h: &'a Headers, name: &str) -> Option<&'a str> {
+    h.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
 /// This cache's `Cache-Status` member, with the key when debugging is configured.
 fn member(state: &State, cs: &CacheStatus, key: Option<&CacheKey>) -> String {
     match key {
@@ -844,10 +858,17 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        // The filter's own reply (a hit): nothing to do, and not worth two clock reads.
+        if self.local_reply {
+            return Action::Continue;
+        }
         self.timed(|s| s.response_headers(end_of_stream))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.local_reply {
+            return Action::Continue;
+        }
         self.timed(|s| s.response_body(body_size, end_of_stream))
     }
 
