@@ -238,6 +238,47 @@ pub fn set_generation(buf: &mut [u8], generation: u32) {
     }
 }
 
+/// The kind of a stored value and, for a response, its secondary key: what a lookup
+/// needs to route, without decoding (and validating) every header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek<'a> {
+    /// A response stored under `secondary` (empty without `Vary`).
+    Response {
+        /// Its secondary key.
+        secondary: &'a str,
+    },
+    /// A Vary marker.
+    Vary,
+}
+
+/// Reads the kind and, for a response, the secondary key.
+pub fn peek(buf: &[u8]) -> Result<Peek<'_>, DecodeError> {
+    if buf.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let mut r = Reader { buf, pos: 0 };
+    if r.take(4)? != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let kind = r.take(4)?[0];
+    r.u32()?;
+    r.bytes()?;
+    match kind {
+        KIND_RESPONSE => {
+            r.take(META_BYTES)?;
+            Ok(Peek::Response {
+                secondary: r.str()?,
+            })
+        }
+        KIND_VARY => Ok(Peek::Vary),
+        _ => Err(DecodeError::BadKind),
+    }
+}
+
+/// The encoded size of [`ResponseMeta`]: status, flags, response time, initial age,
+/// lifetime.
+const META_BYTES: usize = 2 + 2 + 8 + 4 + 4;
+
 /// Reads only the generation and key, for cheap verification.
 pub fn peek_key(buf: &[u8]) -> Result<(u32, &str), DecodeError> {
     if buf.is_empty() {
@@ -358,6 +399,26 @@ mod tests {
         );
         assert_eq!(r.body, b"hello");
         assert_eq!(peek_key(&buf).unwrap(), (7, "http://h/a"));
+    }
+
+    #[test]
+    fn peek_reads_kind_and_secondary_key_only() {
+        let buf = sample(b"hello");
+        assert_eq!(
+            peek(&buf),
+            Ok(Peek::Response {
+                secondary: "accept:gzip\n"
+            })
+        );
+        let marker = encode_vary(9, "http://h/v", &["accept".into()]);
+        assert_eq!(peek(&marker), Ok(Peek::Vary));
+        // Cut inside the secondary key.
+        let at = 16 + "http://h/a".len() + META_BYTES + 2;
+        assert_eq!(peek(&buf[..at]), Err(DecodeError::Truncated));
+        assert_eq!(peek(b""), Err(DecodeError::Empty));
+        let mut bad = buf.clone();
+        bad[4] = 0xee;
+        assert_eq!(peek(&bad), Err(DecodeError::BadKind));
     }
 
     #[test]

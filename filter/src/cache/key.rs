@@ -7,6 +7,7 @@
 //! is kept in order (reordering parameters can change meaning); the fragment never reaches a
 //! proxy but is dropped if present.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Longest key accepted; longer targets bypass the cache rather than grow the store.
@@ -69,7 +70,8 @@ impl CacheKey {
         out.push_str(&scheme);
         out.push_str("://");
         out.push_str(&authority);
-        let p = remove_dot_segments(&normalize_pct(p)?);
+        let p = normalize_pct(p)?;
+        let p = remove_dot_segments(&p);
         out.push_str(if p.is_empty() { "/" } else { &p });
         if let Some(q) = q {
             out.push('?');
@@ -157,7 +159,11 @@ fn is_unreserved(b: u8) -> bool {
 }
 
 /// RFC 3986 §6.2.2.1-2: decode %XX of unreserved characters, upper-case the other hex digits.
-fn normalize_pct(s: &str) -> Result<String, KeyError> {
+/// Most targets have no `%` at all: those are returned as they are, without a copy.
+fn normalize_pct(s: &str) -> Result<Cow<'_, str>, KeyError> {
+    if !s.contains('%') {
+        return Ok(Cow::Borrowed(s));
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -182,7 +188,9 @@ fn normalize_pct(s: &str) -> Result<String, KeyError> {
         }
     }
     // Only ASCII was pushed or copied from a &str, so this is valid UTF-8.
-    String::from_utf8(out).map_err(|_| KeyError::Malformed)
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| KeyError::Malformed)
 }
 
 fn hex_val(c: u8) -> Option<u8> {
@@ -195,9 +203,9 @@ fn hex_val(c: u8) -> Option<u8> {
 }
 
 /// RFC 3986 §5.2.4, on an absolute path.
-fn remove_dot_segments(path: &str) -> String {
+fn remove_dot_segments(path: &str) -> Cow<'_, str> {
     if !path.contains("/.") {
-        return path.to_string();
+        return Cow::Borrowed(path);
     }
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
@@ -224,7 +232,7 @@ fn remove_dot_segments(path: &str) -> String {
     if trailing_slash || r.is_empty() {
         r.push('/');
     }
-    r
+    Cow::Owned(r)
 }
 
 #[cfg(test)]

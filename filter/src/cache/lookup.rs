@@ -2,7 +2,7 @@
 //! host-independent step each, so the glue and the tests share them.
 
 use super::conditional;
-use super::entry::{self, EntryView};
+use super::entry::{self, EntryView, Peek};
 use super::key::{hash64, CacheKey};
 use super::policy::{self, Headers, Storable, StoreContext};
 use super::store::{Insert, InsertOutcome, Kind, SharedData, Store, StoreError};
@@ -51,14 +51,18 @@ pub fn lookup<S: SharedData>(store: &mut Store<S>, key: &CacheKey, req: &Headers
     let Some(value) = store.get(primary, key.as_str()) else {
         return Found::Miss;
     };
-    match entry::decode(&value) {
-        Ok(EntryView::Response(r)) if r.secondary.is_empty() => Found::Response(Hit {
+    // Only the kind here: the caller decodes the response it uses, once.
+    match entry::peek(&value) {
+        Ok(Peek::Response { secondary: "" }) => Found::Response(Hit {
             value,
             hash: primary,
             secondary: String::new(),
             names: None,
         }),
-        Ok(EntryView::Vary(m)) => {
+        Ok(Peek::Vary) => {
+            let Ok(EntryView::Vary(m)) = entry::decode(&value) else {
+                return Found::Miss;
+            };
             let names: Vec<String> = m.names.iter().map(|n| n.to_string()).collect();
             let secondary = vary::secondary_key(&names, |n| policy::values(req, n));
             let vh = variant_hash(key, &secondary);
@@ -77,7 +81,7 @@ pub fn lookup<S: SharedData>(store: &mut Store<S>, key: &CacheKey, req: &Headers
 }
 
 fn is_variant(value: &[u8], secondary: &str) -> bool {
-    matches!(entry::decode(value), Ok(EntryView::Response(r)) if r.secondary == secondary)
+    matches!(entry::peek(value), Ok(Peek::Response { secondary: s }) if s == secondary)
 }
 
 /// Stores a response for `key`, requested with `req` headers. `known_names` are the Vary
