@@ -10,6 +10,11 @@ use wasmtime::{Caller, Linker};
 pub trait HeaderHost {
     /// Every entry, in order.
     fn map_pairs(&mut self, t: MapType) -> HostResult<Pairs>;
+    /// Every entry, in the wire format (empty for an empty map). Override it to encode
+    /// from borrowed entries: the default copies the map first.
+    fn map_pairs_encoded(&mut self, t: MapType) -> HostResult<Vec<u8>> {
+        self.map_pairs(t).map(|p| encode_map(&p))
+    }
     /// Replaces the whole map.
     fn set_map_pairs(&mut self, t: MapType, pairs: Pairs) -> HostResult<()>;
     /// The first value of `key` (`NotFound` if absent).
@@ -24,6 +29,16 @@ pub trait HeaderHost {
     fn map_size(&mut self, t: MapType) -> HostResult<u32>;
 }
 
+/// `pairs` in the wire format; nothing at all for an empty map (what the guest gets for
+/// an empty map is a null pointer and size 0, as from proxy-wasm-cpp-host).
+pub fn encode_map<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
+    if pairs.is_empty() {
+        Vec::new()
+    } else {
+        pairs::encode(pairs)
+    }
+}
+
 fn map_type(t: i32) -> HostResult<MapType> {
     MapType::from_raw(t as u32).ok_or(Status::BadArgument)
 }
@@ -34,16 +49,9 @@ pub fn add_to_linker<T: AbiView + HeaderHost>(linker: &mut Linker<T>) -> wasmtim
         "env",
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_, T>, t: i32, ptr_ptr: i32, size_ptr: i32| -> wasmtime::Result<i32> {
-            let r = map_type(t).and_then(|t| c.data_mut().map_pairs(t));
+            let r = map_type(t).and_then(|t| c.data_mut().map_pairs_encoded(t));
             match r {
-                Ok(p) => {
-                    let bytes = if p.is_empty() {
-                        Vec::new()
-                    } else {
-                        pairs::encode(&p)
-                    };
-                    Ok(code(memory::copy_out(&mut c, &bytes, ptr_ptr, size_ptr)?))
-                }
+                Ok(bytes) => Ok(code(memory::copy_out(&mut c, &bytes, ptr_ptr, size_ptr)?)),
                 Err(s) => Ok(s.code()),
             }
         },
