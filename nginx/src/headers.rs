@@ -21,8 +21,8 @@ const FRAMING_REQUEST_HEADERS: [&[u8]; 8] = [
     b"keep-alive",
 ];
 
-/// The entries of an nginx header list, names lower-cased, deleted entries skipped.
-pub(crate) unsafe fn list_pairs(part: *const ngx_list_part_t, out: &mut Pairs) {
+/// Calls `f` with each live entry of an nginx header list, in order.
+unsafe fn for_each_entry(part: *const ngx_list_part_t, mut f: impl FnMut(&ngx_table_elt_t)) {
     let mut part = part;
     while !part.is_null() {
         let p = &*part;
@@ -30,14 +30,20 @@ pub(crate) unsafe fn list_pairs(part: *const ngx_list_part_t, out: &mut Pairs) {
         for i in 0..p.nelts {
             let h = &*elts.add(i);
             // Deleted entries have hash 0 (the ngx crate's iterator does not skip them).
-            if h.hash == 0 {
-                continue;
+            if h.hash != 0 {
+                f(h);
             }
-            let key = std::slice::from_raw_parts(h.key.data, h.key.len).to_ascii_lowercase();
-            out.push((key, h.value.as_bytes().to_vec()));
         }
         part = p.next;
     }
+}
+
+/// The entries of an nginx header list, names lower-cased, deleted entries skipped.
+pub(crate) unsafe fn list_pairs(part: *const ngx_list_part_t, out: &mut Pairs) {
+    for_each_entry(part, |h| {
+        let key = std::slice::from_raw_parts(h.key.data, h.key.len).to_ascii_lowercase();
+        out.push((key, h.value.as_bytes().to_vec()));
+    });
 }
 
 /// The request headers as Envoy gives them to a filter: pseudo-headers first.
@@ -77,6 +83,23 @@ pub(crate) unsafe fn response_pairs(r: &ngx_http_request_t) -> Pairs {
     }
     list_pairs(&r.headers_out.headers.part, &mut out);
     out
+}
+
+/// How many entries [`response_pairs`] gives, without copying them.
+pub(crate) unsafe fn response_pair_count(r: &ngx_http_request_t) -> usize {
+    let mut n = 1
+        + usize::from(r.headers_out.content_type.len > 0)
+        + usize::from(r.headers_out.content_length_n >= 0);
+    for_each_entry(&r.headers_out.headers.part, |_| n += 1);
+    n
+}
+
+/// [`response_pairs`] of the request at `r`, for a [`crate::host::HeadersSource`].
+///
+/// # Safety
+/// `r` is a live `ngx_http_request_t`.
+pub(crate) unsafe fn read_response_pairs(r: *const std::ffi::c_void) -> Pairs {
+    response_pairs(&*(r as *const ngx_http_request_t))
 }
 
 /// A copy of `s` in the request's pool.

@@ -10,7 +10,7 @@ use proxy_wasm_harness::abi::{
     context::ContextHost,
     foreign::ForeignHost,
     grpc::GrpcHost,
-    headers::HeaderHost,
+    headers::{encode_map, HeaderHost},
     http_call::{HttpCallHost, HttpCallRequest},
     logging::LoggingHost,
     metrics::{MetricHost, MetricIds, MetricStore},
@@ -23,6 +23,7 @@ use proxy_wasm_harness::abi::{
     StreamType,
 };
 use std::collections::HashSet;
+use std::ffi::c_void;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -86,6 +87,29 @@ pub struct OutgoingCall {
     pub timeout: Duration,
 }
 
+/// Headers still in nginx's own lists, copied out only when a filter first reads or
+/// changes them: most response callbacks never do (a cache hit's own reply, say), and
+/// copying every header costs two allocations each.
+#[derive(Clone, Copy)]
+pub struct HeadersSource {
+    read: unsafe fn(*const c_void) -> Pairs,
+    from: *const c_void,
+}
+
+impl HeadersSource {
+    /// # Safety
+    /// `from` must be what `read` expects, and stay valid, unchanged, until the callback
+    /// the source is handed to has returned.
+    pub unsafe fn new(read: unsafe fn(*const c_void) -> Pairs, from: *const c_void) -> Self {
+        HeadersSource { read, from }
+    }
+
+    fn read(self) -> Pairs {
+        // SAFETY: `new`'s contract; sources live only for the callback they are made for.
+        unsafe { (self.read)(self.from) }
+    }
+}
+
 /// Most unknown cluster names a VM warns about (each once), so a misconfigured filter
 /// calling every tick does not flood the error log.
 pub const MAX_WARNED_CLUSTERS: usize = 64;
@@ -111,6 +135,8 @@ pub struct HostState {
     pub response_headers_dirty: bool,
     /// Response headers, available while their callback runs.
     pub response_headers: Option<Pairs>,
+    /// Where `response_headers` are read from when the filter first touches them.
+    pub response_headers_source: Option<HeadersSource>,
     /// The current body chunk, while a body callback runs.
     pub body: Option<(BufferType, Vec<u8>)>,
     /// What the filter asked of streams (its own or, through `set_effective_context`,
@@ -160,6 +186,7 @@ impl HostState {
             request_headers_dirty: false,
             response_headers_dirty: false,
             response_headers: None,
+            response_headers_source: None,
             body: None,
             actions: Vec::new(),
             response_code: None,
@@ -188,7 +215,12 @@ impl HostState {
     fn map(&mut self, t: MapType) -> HostResult<&mut Pairs> {
         match t {
             MapType::HttpRequestHeaders => self.request_headers.as_mut(),
-            MapType::HttpResponseHeaders => self.response_headers.as_mut(),
+            MapType::HttpResponseHeaders => {
+                if self.response_headers.is_none() {
+                    self.response_headers = self.response_headers_source.take().map(|s| s.read());
+                }
+                self.response_headers.as_mut()
+            }
             MapType::HttpCallResponseHeaders => self.call_response.as_mut().map(|r| &mut r.headers),
             MapType::HttpCallResponseTrailers => {
                 self.call_response.as_mut().map(|r| &mut r.trailers)
@@ -316,6 +348,9 @@ impl BufferHost for HostState {
 impl HeaderHost for HostState {
     fn map_pairs(&mut self, t: MapType) -> HostResult<Pairs> {
         Ok(self.map(t)?.clone())
+    }
+    fn map_pairs_encoded(&mut self, t: MapType) -> HostResult<Vec<u8>> {
+        Ok(encode_map(self.map(t)?))
     }
     fn set_map_pairs(&mut self, t: MapType, pairs: Pairs) -> HostResult<()> {
         *self.map(t)? = pairs;
@@ -594,6 +629,41 @@ mod tests {
     }
 
     const GET: &[(&str, &str)] = &[(":method", "GET"), (":path", "/"), (":authority", "a")];
+
+    thread_local! {
+        static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    unsafe fn two_headers(from: *const c_void) -> Pairs {
+        READS.with(|r| r.set(r.get() + 1));
+        let status = *(from as *const u32);
+        vec![
+            (b":status".to_vec(), status.to_string().into_bytes()),
+            (b"etag".to_vec(), b"\"v1\"".to_vec()),
+        ]
+    }
+
+    #[test]
+    fn response_headers_are_read_once_and_only_when_touched() {
+        let status = 200u32;
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        // SAFETY: `two_headers` reads a u32 at `from`, which outlives the source.
+        let source = unsafe { HeadersSource::new(two_headers, &status as *const u32 as _) };
+        h.response_headers_source = Some(source);
+        assert_eq!(
+            READS.with(|r| r.get()),
+            0,
+            "nothing read before a host call"
+        );
+        let t = MapType::HttpResponseHeaders;
+        assert_eq!(h.map_value(t, b"ETag").unwrap(), b"\"v1\"");
+        let encoded = h.map_pairs_encoded(t).unwrap();
+        assert_eq!(encoded, encode_map(&h.map_pairs(t).unwrap()));
+        h.add_map_value(t, b"x-a", b"1").unwrap();
+        assert_eq!(h.map_size(t).unwrap(), (7 + 3 + 4 + 4 + 3 + 1) as u32);
+        assert_eq!(READS.with(|r| r.get()), 1, "read once, then kept");
+        assert!(h.response_headers_dirty);
+    }
 
     #[test]
     fn http_call_queues_a_call_for_a_known_cluster() {

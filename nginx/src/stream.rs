@@ -26,10 +26,11 @@ use ngx::ngx_log_error;
 use proxy_wasm_harness::abi::{stream::LocalResponse, LogLevel, Pairs};
 
 use crate::headers::{
-    apply_request_headers, apply_response_headers, clear_response_headers, request_pairs,
-    response_pairs, set_content_length, set_content_type, set_status,
+    apply_request_headers, apply_response_headers, clear_response_headers, read_response_pairs,
+    request_pairs, response_pair_count, response_pairs, set_content_length, set_content_type,
+    set_status,
 };
-use crate::host::StreamAction;
+use crate::host::{HeadersSource, StreamAction};
 use crate::{log_to_nginx, with_vm, FilterRef, LocConf, Module};
 
 /// The most response body a filter may hold back with `StopIterationAndBuffer` (Envoy's
@@ -518,12 +519,17 @@ unsafe fn response_headers(r: *mut ngx_http_request_t) -> Result<(), ngx_int_t> 
             continue;
         }
         let s = ctx.streams[i].clone();
-        let pairs = response_pairs(&*r);
+        // Read from nginx's lists only if the filter asks: r lives, and its headers stay
+        // as they are, until the callback returns.
+        let source = HeadersSource::new(read_response_pairs, r as *const c_void);
+        let count = response_pair_count(&*r);
+        let status = (*r).headers_out.status as u32;
         let run = with_vm(&s.filter, |vm, gen| {
             if gen != s.gen {
                 return Ok(None);
             }
-            vm.response_headers(s.id, pairs, eos).map(Some)
+            vm.response_headers(s.id, source, count, status, eos)
+                .map(Some)
         });
         let run = match run {
             Ok(run) => run,

@@ -1,7 +1,7 @@
 //! One Proxy-Wasm VM (a Wasmtime instance with its root context) and the callbacks an
 //! nginx request drives through it. Host calls are linked by the harness's ABI core.
 
-use crate::host::{HostState, LogSink, OutgoingCall, StreamAction};
+use crate::host::{HeadersSource, HostState, LogSink, OutgoingCall, StreamAction};
 use crate::http1::Response;
 use proxy_wasm_harness::abi::{self, AbiVersion, LogLevel, Pairs};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -311,31 +311,32 @@ impl PluginVm {
         })
     }
 
-    /// Runs `on_response_headers` for stream `id` with `headers` (`:status` first).
+    /// Runs `on_response_headers` for stream `id` with the response's `count` headers
+    /// (`:status` first) and `status`; `headers` are read only if the filter touches
+    /// them. The outcome's headers are the filter's (empty when it changed nothing).
     pub fn response_headers(
         &mut self,
         id: u32,
-        headers: Pairs,
+        headers: HeadersSource,
+        count: usize,
+        status: u32,
         end_of_stream: bool,
     ) -> Result<HeadersOutcome, VmError> {
         if !self.store.data().streams.contains(&id) {
             return Ok(HeadersOutcome {
                 paused: false,
-                headers,
+                headers: Pairs::new(),
                 changed: false,
             });
         }
-        let n = headers.len() as i32;
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == b":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
+        let n = count as i32;
         {
             let d = self.store.data_mut();
             d.effective = id;
-            d.response_headers = Some(headers);
+            d.response_headers = None;
+            d.response_headers_source = Some(headers);
             d.response_headers_dirty = false;
-            d.response_code = status;
+            d.response_code = Some(status);
         }
         let cb = "proxy_on_response_headers";
         let r = match &self.exports.on_response_headers {
@@ -349,6 +350,8 @@ impl PluginVm {
             ),
         };
         let d = self.store.data_mut();
+        // The source is only valid during the callback.
+        d.response_headers_source = None;
         let headers = d.response_headers.take().unwrap_or_default();
         let changed = std::mem::take(&mut d.response_headers_dirty);
         let action = r?;
