@@ -696,7 +696,7 @@ pub const FILE_PIECE: usize = 256 << 10;
 
 /// One input link's bytes, in pieces: a memory buffer as one piece, a file buffer (a body
 /// spooled to a proxy temp file) read back from its file in pieces of [`FILE_PIECE`].
-unsafe fn link_pieces(b: *mut ngx_buf_t) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) unsafe fn link_pieces(b: *mut ngx_buf_t) -> Result<Vec<Vec<u8>>, String> {
     if (*b).in_file() != 0 && (*b).temporary() == 0 && (*b).memory() == 0 && (*b).mmap() == 0 {
         let f = (*b).file;
         let (start, end) = ((*b).file_pos, (*b).file_last);
@@ -734,7 +734,7 @@ fn read_at(fd: i32, out: &mut [u8], offset: u64) -> std::io::Result<()> {
 }
 
 /// Marks a buffer consumed (its bytes were replaced or held back).
-unsafe fn consume(b: *mut ngx_buf_t) {
+pub(crate) unsafe fn consume(b: *mut ngx_buf_t) {
     (*b).pos = (*b).last;
     if (*b).in_file() != 0 {
         (*b).file_pos = (*b).file_last;
@@ -827,7 +827,7 @@ unsafe fn response_body(
     r: *mut ngx_http_request_t,
     input: *mut ngx_chain_t,
 ) -> Result<*mut ngx_chain_t, String> {
-    let Some(ctx) = ctx_of(r).filter(|_| r == (*r).main) else {
+    let Some(ctx) = ctx_of(r) else {
         return Ok(input);
     };
     if let Some(body) = ctx.replacement.clone() {
@@ -931,6 +931,20 @@ pub(crate) extern "C" fn response_body_filter(
     r: *mut ngx_http_request_t,
     input: *mut ngx_chain_t,
 ) -> ngx_int_t {
+    // A call's subrequest: its output is the call's answer, taken here; nothing of it
+    // goes down the chain (not even an empty flush, which nginx's in-memory buffer
+    // could refuse).
+    let taken = catch_unwind(AssertUnwindSafe(|| unsafe {
+        r != (*r).main && subrequest::take_output(r, input)
+    }));
+    match taken {
+        Ok(true) => return Status::NGX_OK.0,
+        Ok(false) => {}
+        Err(_) => {
+            log_to_nginx(LogLevel::Error, "internal error (panic) in the body filter");
+            return Status::NGX_ERROR.0;
+        }
+    }
     let out = catch_unwind(AssertUnwindSafe(|| unsafe { response_body(r, input) }))
         .unwrap_or_else(|_| Err("internal error (panic) in the body filter".into()));
     match out {

@@ -5,12 +5,16 @@
 //! (`proxy_wasm_call_location`) whose `proxy_pass` reads the call from this module's
 //! variables (`$proxy_wasm_call_cluster`, `$proxy_wasm_call_path`, ...).
 //!
-//! A call is a background, in-memory subrequest of the main request: in memory, so the
-//! answer is kept in `subrequest_output_buffer_size` bytes and never reaches the client;
-//! in the background, so it neither takes the client connection's place (`c->data`) nor
-//! holds the main request's output back. Its `post_subrequest` handler (or the call's
-//! timeout, whichever comes first) hands the answer to the calling stream through
-//! [`crate::worker::deliver`], as the module's client does.
+//! A call is a background, in-memory subrequest of the main request. In the background,
+//! so it neither takes the client connection's place (`c->data`) nor holds the main
+//! request's output back. Its output is taken by the module's body filter (at the top of
+//! nginx's chain) into the call's answer, bounded by the call location's
+//! `subrequest_output_buffer_size`, and never goes further: nginx's own in-memory buffer
+//! would fail the client's connection for an answer that does not fit; here only the
+//! call fails (in-memory stays set, so nothing could reach the client anyway). Its
+//! `post_subrequest` handler (or the call's timeout, whichever comes first) hands the
+//! answer to the calling stream through [`crate::worker::deliver`], as the module's
+//! client does.
 //!
 //! The pure parts (the answer built from what the subrequest received) are unit-tested;
 //! the rest needs a running nginx (`tests/tests/nginx_ops.rs`).
@@ -23,7 +27,7 @@ use std::time::Duration;
 use nginx_sys::{ngx_add_timer, ngx_del_timer};
 use ngx::core::Pool;
 use ngx::ffi::{
-    ngx_alloc_chain_link, ngx_buf_t, ngx_conf_t, ngx_event_t, ngx_http_add_variable,
+    ngx_alloc_chain_link, ngx_buf_t, ngx_chain_t, ngx_conf_t, ngx_event_t, ngx_http_add_variable,
     ngx_http_headers_in_t, ngx_http_post_subrequest_t, ngx_http_request_body_t, ngx_http_request_t,
     ngx_http_subrequest, ngx_http_variable_value_t, ngx_int_t, ngx_list_create, ngx_str_t,
     ngx_table_elt_t, ngx_uint_t, NGX_ERROR, NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_CLOSE,
@@ -32,7 +36,7 @@ use ngx::ffi::{
     NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_HTTP_TRACE, NGX_HTTP_UNKNOWN, NGX_HTTP_VAR_NOCACHEABLE,
     NGX_LOG_ERR, NGX_OK,
 };
-use ngx::http::HttpModule;
+use ngx::http::{HttpModule, HttpModuleLocationConf, NgxHttpCoreModule};
 use proxy_wasm_harness::abi::{LogLevel, Pairs};
 
 use crate::client::{Outcome, Owner};
@@ -149,6 +153,10 @@ struct SubCall {
     /// The request body the subrequest's buffer points into.
     body: Vec<u8>,
     timeout_ms: u64,
+    /// The answer's body as it arrives (see [`take_output`]).
+    answer: Vec<u8>,
+    /// The answer's body went over its bound: the call fails.
+    answer_too_large: bool,
     /// The call's own timeout.
     timer: ngx_event_t,
     /// Answered (or given up): later events for this call do nothing.
@@ -267,6 +275,8 @@ pub(crate) unsafe fn start(
         ],
         body,
         timeout_ms: timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u64,
+        answer: Vec::new(),
+        answer_too_large: false,
         // SAFETY: all-zero is a fresh event, as ngx_pcalloc gives one.
         timer: std::mem::zeroed(),
         done: false,
@@ -436,8 +446,20 @@ unsafe fn finish(sr: *mut ngx_http_request_t, sc: *mut SubCall, rc: ngx_int_t) -
         Outcome::Reset
     } else if rc >= 300 {
         Outcome::Response(status_only(rc as u16))
+    } else if sc.answer_too_large {
+        log_error(
+            sr,
+            &format!(
+                "proxy_wasm: the answer to an http_call to cluster \"{}\" is over {} bytes \
+                 (subrequest_output_buffer_size, at most {})",
+                sc.cluster(),
+                answer_limit(sr),
+                http1::MAX_RESPONSE_BODY_BYTES
+            ),
+        );
+        Outcome::Reset
     } else {
-        match answer(sr) {
+        match answer(sr, std::mem::take(&mut sc.answer)) {
             Some(r) => Outcome::Response(r),
             None => {
                 log_error(
@@ -456,22 +478,12 @@ unsafe fn finish(sr: *mut ngx_http_request_t, sc: *mut SubCall, rc: ngx_int_t) -
     rc_out
 }
 
-/// The answer a finished subrequest holds: its status, headers and in-memory body.
-unsafe fn answer(sr: *mut ngx_http_request_t) -> Option<Response> {
+/// The answer a finished subrequest holds: its status and headers, and `body`.
+unsafe fn answer(sr: *mut ngx_http_request_t, body: Vec<u8>) -> Option<Response> {
     let o = &(*sr).headers_out;
     let status = u16::try_from(o.status).ok().filter(|s| *s >= 100)?;
     let mut list = Vec::new();
     list_pairs(&o.headers.part, &mut list);
-    let mut body = Vec::new();
-    let mut cl = (*sr).out;
-    while !cl.is_null() {
-        let b = (*cl).buf;
-        if !b.is_null() && (*b).last > (*b).pos {
-            let n = (*b).last.offset_from((*b).pos) as usize;
-            body.extend_from_slice(std::slice::from_raw_parts((*b).pos, n));
-        }
-        cl = (*cl).next;
-    }
     let content_type = if o.content_type.len > 0 {
         o.content_type.as_bytes()
     } else {
@@ -484,6 +496,59 @@ unsafe fn answer(sr: *mut ngx_http_request_t) -> Option<Response> {
         list,
         body,
     ))
+}
+
+/// The largest answer body a call keeps: the call location's
+/// `subrequest_output_buffer_size`, at most [`http1::MAX_RESPONSE_BODY_BYTES`].
+unsafe fn answer_limit(sr: *mut ngx_http_request_t) -> usize {
+    NgxHttpCoreModule::location_conf(&*sr)
+        .map_or(0, |clcf| clcf.subrequest_output_buffer_size)
+        .min(http1::MAX_RESPONSE_BODY_BYTES)
+}
+
+/// The body filter's part for subrequests: the output of one of this module's calls is
+/// taken here, at the top of the filter chain, into the call's answer (nginx's own
+/// in-memory buffer fails the whole client connection when an answer is too large; here
+/// only the call fails). Returns false for other requests.
+///
+/// # Safety
+///
+/// `r` is a live subrequest and `input` its output chain.
+pub(crate) unsafe fn take_output(r: *mut ngx_http_request_t, input: *mut ngx_chain_t) -> bool {
+    let sc = *(*r).ctx.add(Module::module().ctx_index) as *mut SubCall;
+    let Some(sc) = sc.as_mut() else {
+        return false;
+    };
+    let limit = answer_limit(r);
+    let mut cl = input;
+    while !cl.is_null() {
+        let b = (*cl).buf;
+        cl = (*cl).next;
+        if b.is_null() {
+            continue;
+        }
+        if !sc.answer_too_large && !sc.done {
+            match crate::stream::link_pieces(b) {
+                Ok(pieces) => {
+                    for p in pieces {
+                        if sc.answer.len() + p.len() > limit {
+                            sc.answer_too_large = true;
+                            sc.answer = Vec::new();
+                            break;
+                        }
+                        sc.answer.extend_from_slice(&p);
+                    }
+                }
+                Err(e) => {
+                    log_error(r, &format!("proxy_wasm: {e}"));
+                    sc.answer_too_large = true;
+                    sc.answer = Vec::new();
+                }
+            }
+        }
+        crate::stream::consume(b);
+    }
+    true
 }
 
 fn log_error(sr: *mut ngx_http_request_t, msg: &str) {
