@@ -1090,3 +1090,37 @@ fn a_client_that_leaves_mid_call_does_not_hurt_the_worker() {
     assert_eq!(nginx.running_workers(), workers, "the worker was replaced");
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// An answer larger than the call location's `subrequest_output_buffer_size` (64k): the
+/// call fails; the filter gets the failure (no headers, as Envoy's reset), the client
+/// still gets the filter's answer (nginx's own in-memory buffer would have cut the
+/// client's connection), and the worker carries on.
+#[test]
+fn an_in_request_call_answer_over_the_buffer_is_a_reset() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        if req.path.starts_with("/call/") {
+            return Reply::new(200)
+                .header("X-Answer", "big")
+                .body(vec![b'x'; 100_000]);
+        }
+        Reply::text("origin").header("Cache-Control", "no-store")
+    });
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let workers = nginx.worker_pids().to_vec();
+    for _ in 0..2 {
+        let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+        assert_eq!(r.header("x-call-status"), Some("reset"));
+        assert_eq!(r.text(), "");
+    }
+    assert_eq!(nginx.running_workers(), workers);
+    assert!(
+        nginx.error_log().contains("is over 65536 bytes"),
+        "the module logged the refused answer"
+    );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
