@@ -157,6 +157,9 @@ struct SubCall {
     answer: Vec<u8>,
     /// The answer's body went over its bound: the call fails.
     answer_too_large: bool,
+    /// The answer's end came through the body filter (nginx ends a cut-short answer
+    /// with a flush and a success status, so this is how one is told from a whole one).
+    answer_complete: bool,
     /// The call's own timeout.
     timer: ngx_event_t,
     /// Answered (or given up): later events for this call do nothing.
@@ -277,6 +280,7 @@ pub(crate) unsafe fn start(
         timeout_ms: timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u64,
         answer: Vec::new(),
         answer_too_large: false,
+        answer_complete: false,
         // SAFETY: all-zero is a fresh event, as ngx_pcalloc gives one.
         timer: std::mem::zeroed(),
         done: false,
@@ -458,6 +462,15 @@ unsafe fn finish(sr: *mut ngx_http_request_t, sc: *mut SubCall, rc: ngx_int_t) -
             ),
         );
         Outcome::Reset
+    } else if !sc.answer_complete && (*sr).header_only() == 0 {
+        log_error(
+            sr,
+            &format!(
+                "proxy_wasm: the answer to an http_call to cluster \"{}\" was cut short",
+                sc.cluster()
+            ),
+        );
+        Outcome::Reset
     } else {
         match answer(sr, std::mem::take(&mut sc.answer)) {
             Some(r) => Outcome::Response(r),
@@ -526,6 +539,10 @@ pub(crate) unsafe fn take_output(r: *mut ngx_http_request_t, input: *mut ngx_cha
         cl = (*cl).next;
         if b.is_null() {
             continue;
+        }
+        // A subrequest's last buffer says last_in_chain (last_buf is the main's).
+        if (*b).last_buf() != 0 || (*b).last_in_chain() != 0 {
+            sc.answer_complete = true;
         }
         if !sc.answer_too_large && !sc.done {
             match crate::stream::link_pieces(b) {
