@@ -1124,3 +1124,28 @@ fn an_in_request_call_answer_over_the_buffer_is_a_reset() {
     );
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// An answer the upstream cuts short (it promised 1000 bytes, sent 10, closed): nginx
+/// ends the subrequest as if it were whole; the filter gets a reset, not the 10 bytes.
+#[test]
+fn an_in_request_call_answer_cut_short_is_a_reset() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        if req.path.starts_with("/call/") {
+            return Reply::new(200)
+                .body(vec![b'x'; 1000])
+                .mode(edge_filter_e2e::upstream::BodyMode::TruncatedLength { sent: 10 });
+        }
+        Reply::text("origin").header("Cache-Control", "no-store")
+    });
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+    assert_eq!(r.header("x-call-status"), Some("reset"));
+    assert_eq!(r.text(), "");
+    assert!(nginx.error_log().contains("was cut short"));
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
