@@ -7,7 +7,10 @@
 //! outcome to [`crate::worker::deliver`], always from an event handler, never inside a
 //! guest callback.
 //!
-//! Why not an nginx subrequest or an nginx upstream: see README.md ("dispatch_http_call").
+//! It serves the calls made outside a request (the root context: ticks, answers), which
+//! have no request to hang an nginx subrequest on, and those made inside a request whose
+//! location has no `proxy_wasm_call_location`; the others are subrequests
+//! ([`crate::subrequest`]). Why: see README.md ("dispatch_http_call").
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
