@@ -1149,3 +1149,30 @@ fn an_in_request_call_answer_cut_short_is_a_reset() {
     assert!(nginx.error_log().contains("was cut short"));
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Without `proxy_wasm_call_location`, a call made inside a request keeps the module's
+/// own client (one connection per call, `Connection: close`), and its answer reaches the
+/// filter the same way.
+#[test]
+fn without_a_call_location_in_request_calls_use_the_modules_client() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::ZERO);
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("call-filter.wasm");
+    write_atomically(&wasm, &call_filter_bytes());
+    let nginx = start(&up, &NginxConf::new(1, "{}").wasm(&wasm));
+    let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+    assert_eq!(r.header("x-call-status"), Some("202"));
+    assert_eq!(r.text(), "checked: call body");
+    let call = up
+        .requests()
+        .into_iter()
+        .find(|q| q.path == "/call/check?x=1")
+        .expect("the call reached the origin");
+    assert_eq!(call.headers.get("connection"), Some("close"));
+    assert_eq!(call.headers.get("x-call"), Some("from-filter"));
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
