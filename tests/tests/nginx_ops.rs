@@ -1176,3 +1176,48 @@ fn without_a_call_location_in_request_calls_use_the_modules_client() {
     assert_eq!(call.headers.get("x-call"), Some("from-filter"));
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Many requests at once, each waiting for its own call, on 2 workers: every one is
+/// resumed with its call's answer, none is lost or answered twice.
+#[test]
+fn concurrent_in_request_calls_each_resume_their_own_request() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::ZERO);
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("call-filter.wasm");
+    write_atomically(&wasm, &call_filter_bytes());
+    let mut conf = NginxConf::new(2, "{}").wasm(&wasm);
+    for l in CALL_LOCATION_LINES {
+        conf = conf.listener_line(l);
+    }
+    let nginx = start(&up, &conf);
+    let addr = nginx.listener_addr();
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            thread::spawn(move || {
+                for i in 0..5 {
+                    let path = format!("/many/{t}/{i}");
+                    let r = http::send(addr, "GET", &path, &[], b"").expect("a response");
+                    assert_eq!(r.status, 200, "{path}: {}", r.text());
+                    assert_eq!(r.text(), format!("origin {path}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client thread panicked");
+    }
+    let seen = up.requests();
+    let mains: Vec<_> = seen
+        .iter()
+        .filter(|q| q.path.starts_with("/many/"))
+        .collect();
+    assert_eq!(mains.len(), 80);
+    assert!(mains
+        .iter()
+        .all(|q| q.headers.get_all("x-call-status") == vec!["202"]));
+    assert_eq!(up.count("/call/check?x=1"), 80);
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
