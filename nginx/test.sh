@@ -86,6 +86,27 @@ render "proxy_wasm edge_filter '{}';" "$wasm" > "$tmp/good.conf"
 out="$("$nginx" -t -p "$tmp" -c "$tmp/good.conf" 2>&1)" || fail "nginx -t refused a good config: $out"
 pass "nginx -t accepts the same config with a valid filter config"
 
+# 4. proxy_wasm_call_location: a URI that is not a path is refused, naming it; the
+#    documented call location (its proxy_pass reads the module's variables) is accepted.
+render "proxy_wasm edge_filter '{}'; proxy_wasm_call_location call;" "$wasm" > "$tmp/bad-call.conf"
+if out="$("$nginx" -t -p "$tmp" -c "$tmp/bad-call.conf" 2>&1)"; then
+    fail "nginx -t accepted proxy_wasm_call_location call"
+fi
+grep -q 'invalid proxy_wasm_call_location "call"' <<<"$out" || fail "unclear message for a bad call location: $out"
+# (The location's closing brace and render's own proxy_pass land in a spare location.)
+render "proxy_wasm edge_filter '{}'; proxy_wasm_call_location /_proxy_wasm_call;
+            proxy_pass http://127.0.0.1:8080;
+        }
+        location /_proxy_wasm_call {
+            internal;
+            proxy_pass http://\$proxy_wasm_call_cluster\$proxy_wasm_call_path;
+            proxy_set_header Host \$proxy_wasm_call_authority;
+            proxy_set_header X-Method \$proxy_wasm_call_method;
+        }
+        location /spare {" "$wasm" > "$tmp/call.conf"
+out="$("$nginx" -t -p "$tmp" -c "$tmp/call.conf" 2>&1)" || fail "nginx -t refused the call location: $out"
+pass "nginx -t refuses a bad proxy_wasm_call_location and accepts the documented location"
+
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

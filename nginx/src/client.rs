@@ -7,7 +7,10 @@
 //! outcome to [`crate::worker::deliver`], always from an event handler, never inside a
 //! guest callback.
 //!
-//! Why not an nginx subrequest or an nginx upstream: see README.md ("dispatch_http_call").
+//! It serves the calls made outside a request (the root context: ticks, answers), which
+//! have no request to hang an nginx subrequest on, and those made inside a request whose
+//! location has no `proxy_wasm_call_location`; the others are subrequests
+//! ([`crate::subrequest`]). Why: see README.md ("dispatch_http_call").
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -24,8 +27,8 @@ use ngx::ffi::{
     socklen_t, u_char, NGX_AGAIN, NGX_LOG_ERR, NGX_OK, SOL_SOCKET, SO_ERROR,
 };
 
-use crate::host::OutgoingCall;
 use crate::http1::{self, Response, ResponseError, ResponseParser};
+use crate::upstream::Peer;
 use crate::FilterRef;
 
 /// Most calls in flight in one worker; a call over it is refused at once
@@ -127,9 +130,21 @@ unsafe fn init_event(
     ev.set_cancelable(1);
 }
 
+/// What the client needs of a call.
+pub struct ClientCall {
+    /// The cluster name the guest gave (for logs).
+    pub cluster: String,
+    /// The call's timeout.
+    pub timeout: Duration,
+    /// Where to connect.
+    pub peer: Peer,
+    /// The request on the wire.
+    pub request: http1::Request,
+}
+
 /// Starts `out` for `owner`. Never calls back into the guest: a call that cannot even
 /// start is reported from a posted event.
-pub fn start(owner: Owner, out: OutgoingCall) {
+pub fn start(owner: Owner, out: ClientCall) {
     let id = NEXT_ID.with(|n| {
         let id = n.get();
         n.set(id.wrapping_add(1).max(1));

@@ -365,3 +365,31 @@ unsafe fn first_in(r: *mut ngx_http_request_t, name: &[u8]) -> *mut ngx_table_el
     }
     std::ptr::null_mut()
 }
+
+/// Adds `k: v` (copies in the request's pool, the name lower-cased for lookups) to an
+/// nginx header list; false when out of memory.
+pub(crate) unsafe fn push_header(
+    r: *mut ngx_http_request_t,
+    list: *mut ngx_list_t,
+    k: &[u8],
+    v: &[u8],
+) -> bool {
+    let (Some(key), Some(value), Some(low)) = (
+        pool_str(r, k),
+        pool_str(r, v),
+        pool_str(r, &k.to_ascii_lowercase()),
+    ) else {
+        return false;
+    };
+    let e = ngx_list_push(list) as *mut ngx_table_elt_t;
+    if e.is_null() {
+        return false;
+    }
+    *e = ngx_table_elt_t {
+        hash: ngx_hash_key_lc(key.data, key.len).max(1),
+        key,
+        value,
+        lowcase_key: low.data,
+    };
+    true
+}

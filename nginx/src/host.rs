@@ -22,7 +22,7 @@ use proxy_wasm_harness::abi::{
     AbiState, AbiView, BufferType, HostResult, LogLevel, MapType, MetricType, Pairs, Status,
     StreamType,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -79,12 +79,41 @@ pub struct OutgoingCall {
     pub context: u32,
     /// The cluster name the guest gave (for logs).
     pub cluster: String,
-    /// Where to connect.
-    pub peer: Peer,
-    /// The request on the wire.
-    pub request: http1::Request,
     /// The call's timeout, bounded by [`crate::client::MAX_CALL_TIMEOUT`].
     pub timeout: Duration,
+    /// How the call goes out.
+    pub route: CallRoute,
+}
+
+/// How a call goes out: see README.md, "dispatch_http_call".
+#[derive(Debug)]
+pub enum CallRoute {
+    /// The module's own HTTP/1.1 client ([`crate::client`]): calls from the root
+    /// context, and from requests whose location has no `proxy_wasm_call_location`.
+    Client {
+        /// Where to connect.
+        peer: Peer,
+        /// The request on the wire.
+        request: http1::Request,
+    },
+    /// An nginx subrequest of the calling request, to its `proxy_wasm_call_location`.
+    Subrequest {
+        /// The checked request head.
+        head: http1::CallHead,
+        /// The request body.
+        body: Vec<u8>,
+    },
+}
+
+/// What one stream whose calls go out as subrequests has used: subrequests live in the
+/// request's memory pool, which is freed only with the request, so their number is
+/// bounded over the stream's life as well as in flight.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SubrequestBudget {
+    /// Calls made and not answered yet.
+    pub in_flight: usize,
+    /// Calls made since the stream started.
+    pub made: usize,
 }
 
 /// Headers still in nginx's own lists, copied out only when a filter first reads or
@@ -155,6 +184,9 @@ pub struct HostState {
     pub tick_changed: bool,
     /// Calls made during the current callback, not started yet.
     pub outgoing: Vec<OutgoingCall>,
+    /// Streams whose calls go out as nginx subrequests (their request's location has a
+    /// `proxy_wasm_call_location`), with what they used.
+    pub subrequest_streams: HashMap<u32, SubrequestBudget>,
     /// The `http_call` answer, readable only during `on_http_call_response`.
     pub call_response: Option<Response>,
     /// What `proxy_get_status` reads: a failed call's `BrokenConnection`/`reset`.
@@ -195,6 +227,7 @@ impl HostState {
             tick_period: None,
             tick_changed: false,
             outgoing: Vec::new(),
+            subrequest_streams: HashMap::new(),
             call_response: None,
             status: (0, Vec::new()),
             next_token: 0,
@@ -475,20 +508,55 @@ impl HttpCallHost for HostState {
             }
             return Err(Status::BadArgument);
         };
-        let request = http1::serialize_request(&call.headers, &call.body).map_err(|e| {
-            (self.log)(LogLevel::Warn, &e.to_string());
+        let warn = |log: LogSink, e: http1::RequestError| {
+            log(LogLevel::Warn, &e.to_string());
             Status::BadArgument
-        })?;
-        if crate::client::live_calls() + self.outgoing.len() >= crate::client::MAX_CALLS_IN_FLIGHT {
-            (self.log)(
-                LogLevel::Warn,
-                &format!(
-                    "http_call to \"{}\" refused: {} calls in flight in this worker",
-                    call.upstream,
-                    crate::client::MAX_CALLS_IN_FLIGHT
-                ),
-            );
-            return Err(Status::InternalFailure);
+        };
+        let route = if let Some(budget) = self.subrequest_streams.get(&self.effective) {
+            let head = http1::call_head(&call.headers).map_err(|e| warn(self.log, e))?;
+            if call.body.len() > http1::MAX_REQUEST_BYTES {
+                return Err(warn(self.log, http1::RequestError::TooLarge));
+            }
+            if budget.in_flight >= crate::subrequest::MAX_CALLS_IN_FLIGHT_PER_STREAM
+                || budget.made >= crate::subrequest::MAX_CALLS_PER_STREAM
+            {
+                (self.log)(
+                    LogLevel::Warn,
+                    &format!(
+                        "http_call to \"{}\" refused: a request may have {} calls in flight \
+                         and make {} in all",
+                        call.upstream,
+                        crate::subrequest::MAX_CALLS_IN_FLIGHT_PER_STREAM,
+                        crate::subrequest::MAX_CALLS_PER_STREAM
+                    ),
+                );
+                return Err(Status::InternalFailure);
+            }
+            CallRoute::Subrequest {
+                head,
+                body: call.body,
+            }
+        } else {
+            let request = http1::serialize_request(&call.headers, &call.body)
+                .map_err(|e| warn(self.log, e))?;
+            if crate::client::live_calls() + self.outgoing.len()
+                >= crate::client::MAX_CALLS_IN_FLIGHT
+            {
+                (self.log)(
+                    LogLevel::Warn,
+                    &format!(
+                        "http_call to \"{}\" refused: {} calls in flight in this worker",
+                        call.upstream,
+                        crate::client::MAX_CALLS_IN_FLIGHT
+                    ),
+                );
+                return Err(Status::InternalFailure);
+            }
+            CallRoute::Client { peer, request }
+        };
+        if let Some(b) = self.subrequest_streams.get_mut(&self.effective) {
+            b.in_flight += 1;
+            b.made += 1;
         }
         // No timeout (0) would wait for ever: every call gets the bound.
         let timeout = if call.timeout.is_zero() {
@@ -501,9 +569,8 @@ impl HttpCallHost for HostState {
             token: self.next_token,
             context: self.effective,
             cluster: call.upstream,
-            peer,
-            request,
             timeout,
+            route,
         });
         Ok(self.next_token)
     }
@@ -678,16 +745,19 @@ mod tests {
         assert_ne!(t1, t2);
         assert_eq!(h.outgoing.len(), 2);
         let (a, b) = (&h.outgoing[0], &h.outgoing[1]);
+        let CallRoute::Client { peer, request } = &a.route else {
+            panic!("not the client: {:?}", a.route)
+        };
         assert_eq!(
-            (a.token, a.context, a.peer.name.as_str()),
+            (a.token, a.context, peer.name.as_str()),
             (t1, 7, "127.0.0.1:9")
         );
         assert_eq!(a.timeout, Duration::from_millis(250));
-        assert!(a
-            .request
-            .bytes
-            .starts_with(b"GET / HTTP/1.1\r\nHost: a\r\n"));
-        assert_eq!(b.peer.name, "127.0.0.1:10");
+        assert!(request.bytes.starts_with(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        let CallRoute::Client { peer, .. } = &b.route else {
+            panic!("not the client: {:?}", b.route)
+        };
+        assert_eq!(peer.name, "127.0.0.1:10");
         // No timeout means the bound, never "for ever".
         assert_eq!(b.timeout, MAX_CALL_TIMEOUT);
     }
@@ -705,6 +775,74 @@ mod tests {
         assert!(h.outgoing.is_empty());
         for _ in 0..MAX_CALLS_IN_FLIGHT {
             h.http_call(call("127.0.0.1:9", GET, 1)).unwrap();
+        }
+        assert_eq!(
+            h.http_call(call("127.0.0.1:9", GET, 1)),
+            Err(Status::InternalFailure)
+        );
+    }
+
+    #[test]
+    fn calls_of_a_subrequest_stream_become_subrequests_with_their_own_bounds() {
+        upstream::install(Clusters::new(vec![Cluster::new(
+            "auth",
+            vec![upstream::literal("127.0.0.1:9").unwrap()],
+        )]));
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        h.streams.insert(3);
+        h.subrequest_streams.insert(3, SubrequestBudget::default());
+        h.effective = 3;
+        let mut c = call(
+            "auth",
+            &[
+                (":method", "POST"),
+                (":path", "/check"),
+                (":authority", "auth.test"),
+                ("x-call", "1"),
+            ],
+            0,
+        );
+        c.body = b"hello".to_vec();
+        h.http_call(c).unwrap();
+        let CallRoute::Subrequest { head, body } = &h.outgoing[0].route else {
+            panic!("not a subrequest: {:?}", h.outgoing[0].route)
+        };
+        assert_eq!(
+            (head.method.as_slice(), head.path.as_slice()),
+            (&b"POST"[..], &b"/check"[..])
+        );
+        assert_eq!(head.headers, vec![(b"x-call".to_vec(), b"1".to_vec())]);
+        assert_eq!(body, b"hello");
+        assert_eq!(h.outgoing[0].timeout, MAX_CALL_TIMEOUT);
+        // The worker-wide bound of the own client does not apply; the stream's does.
+        for _ in 1..crate::subrequest::MAX_CALLS_IN_FLIGHT_PER_STREAM {
+            h.http_call(call("auth", GET, 1)).unwrap();
+        }
+        assert_eq!(
+            h.http_call(call("auth", GET, 1)),
+            Err(Status::InternalFailure)
+        );
+        // Unknown clusters are refused as before: nginx would only find out later.
+        assert_eq!(h.http_call(call("nope", GET, 1)), Err(Status::BadArgument));
+        // The root context still uses the own client.
+        h.effective = h.root;
+        h.http_call(call("auth", GET, 1)).unwrap();
+        assert!(matches!(
+            h.outgoing.last().unwrap().route,
+            CallRoute::Client { .. }
+        ));
+    }
+
+    #[test]
+    fn a_stream_makes_a_bounded_number_of_subrequest_calls_in_all() {
+        upstream::install(Clusters::default());
+        let mut h = HostState::new("vm", quiet, LogLevel::Info);
+        h.subrequest_streams.insert(4, SubrequestBudget::default());
+        h.effective = 4;
+        for _ in 0..crate::subrequest::MAX_CALLS_PER_STREAM {
+            h.http_call(call("127.0.0.1:9", GET, 1)).unwrap();
+            // Answered: no longer in flight, still counted.
+            h.subrequest_streams.get_mut(&4).unwrap().in_flight -= 1;
         }
         assert_eq!(
             h.http_call(call("127.0.0.1:9", GET, 1)),

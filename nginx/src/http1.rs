@@ -58,7 +58,7 @@ const DROPPED_REQUEST_HEADERS: &[&[u8]] = &[
 
 /// Connection-specific response headers, removed before the guest sees the response (a
 /// proxy must not forward them, RFC 9110 §7.6.1; the body is already de-chunked).
-const DROPPED_RESPONSE_HEADERS: &[&[u8]] = &[
+pub(crate) const DROPPED_RESPONSE_HEADERS: &[&[u8]] = &[
     b"connection",
     b"keep-alive",
     b"proxy-connection",
@@ -87,10 +87,26 @@ fn value<'a>(headers: &'a Pairs, name: &[u8]) -> Option<&'a [u8]> {
         .map(|(_, v)| v.as_slice())
 }
 
-/// Writes an HTTP/1.1 request from a call's headers (Envoy's pseudo-headers `:method`,
-/// `:path`, `:authority`, then the others) and body, with `Connection: close`: one
-/// connection per call. Trailers are not sent (they would need a chunked body).
-pub fn serialize_request(headers: &Pairs, body: &[u8]) -> Result<Request, RequestError> {
+/// A call's request as the guest gave it, checked: the pseudo-headers and the headers
+/// that go on to the peer. Both routes of a call (the module's client, an nginx
+/// subrequest) start from this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallHead {
+    /// `:method`, an HTTP token.
+    pub method: Vec<u8>,
+    /// `:path`: origin-form (query included), asterisk-form or absolute-form.
+    pub path: Vec<u8>,
+    /// `:authority`, else the `host` header.
+    pub authority: Vec<u8>,
+    /// The other headers in order, without connection-specific ones and without `host`
+    /// and `content-length` (the sender writes those itself).
+    pub headers: Pairs,
+}
+
+/// Checks a call's headers (Envoy's pseudo-headers `:method`, `:path`, `:authority`,
+/// then the others) and keeps what goes on to the peer; the head (without the body) is
+/// bounded by [`MAX_REQUEST_BYTES`].
+pub fn call_head(headers: &Pairs) -> Result<CallHead, RequestError> {
     let method = value(headers, b":method").ok_or(RequestError::Missing(":method"))?;
     let path = value(headers, b":path").ok_or(RequestError::Missing(":path"))?;
     let authority = value(headers, b":authority")
@@ -107,13 +123,8 @@ pub fn serialize_request(headers: &Pairs, body: &[u8]) -> Result<Request, Reques
     if authority.is_empty() || !authority.iter().all(|b| b.is_ascii_graphic()) {
         return Err(RequestError::Invalid(":authority".into()));
     }
-    let mut out = Vec::with_capacity(256 + body.len());
-    out.extend_from_slice(method);
-    out.push(b' ');
-    out.extend_from_slice(path);
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(authority);
-    out.extend_from_slice(b"\r\n");
+    let mut size = method.len() + path.len() + authority.len();
+    let mut kept = Vec::new();
     for (k, v) in headers {
         if k.first() == Some(&b':')
             || DROPPED_REQUEST_HEADERS
@@ -134,16 +145,40 @@ pub fn serialize_request(headers: &Pairs, body: &[u8]) -> Result<Request, Reques
                 String::from_utf8_lossy(k)
             )));
         }
+        size += k.len() + v.len() + 4;
+        if size > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge);
+        }
+        kept.push((k.clone(), v.clone()));
+    }
+    Ok(CallHead {
+        method: method.to_vec(),
+        path: path.to_vec(),
+        authority: authority.to_vec(),
+        headers: kept,
+    })
+}
+
+/// Writes an HTTP/1.1 request from a call's headers (see [`call_head`]) and body, with
+/// `Connection: close`: one connection per call. Trailers are not sent (they would need a
+/// chunked body).
+pub fn serialize_request(headers: &Pairs, body: &[u8]) -> Result<Request, RequestError> {
+    let head = call_head(headers)?;
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(&head.method);
+    out.push(b' ');
+    out.extend_from_slice(&head.path);
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(&head.authority);
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in &head.headers {
         out.extend_from_slice(k);
         out.extend_from_slice(b": ");
         out.extend_from_slice(v);
         out.extend_from_slice(b"\r\n");
-        if out.len() > MAX_REQUEST_BYTES {
-            return Err(RequestError::TooLarge);
-        }
     }
     // A body always has a length; so do the methods whose servers expect one.
-    if !body.is_empty() || matches!(method, b"POST" | b"PUT" | b"PATCH") {
+    if !body.is_empty() || matches!(head.method.as_slice(), b"POST" | b"PUT" | b"PATCH") {
         out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
@@ -153,7 +188,7 @@ pub fn serialize_request(headers: &Pairs, body: &[u8]) -> Result<Request, Reques
     out.extend_from_slice(body);
     Ok(Request {
         bytes: out,
-        head: method == b"HEAD",
+        head: head.method == b"HEAD",
     })
 }
 

@@ -9,11 +9,14 @@
 //! - `proxy_wasm_shm_kv SIZE;`, `proxy_wasm_shm_metrics SIZE;` (http): the shared-memory
 //!   zones for shared data and metrics ([`shm`]).
 //! - `proxy_wasm_metrics;` (location): serves the metrics in Prometheus' text format.
+//! - `proxy_wasm_call_location URI;` (http, server, location): in-request
+//!   `dispatch_http_call`s go out as nginx subrequests to that location ([`subrequest`]).
 //!
 //! The request headers reach each filter in the rewrite phase; a local response ends the
 //! request there. Each worker makes the filters' VMs when it starts; their root contexts
 //! tick on nginx timers and call upstreams with the module's own client ([`worker`],
-//! [`client`]).
+//! [`client`]); calls made inside a request use an nginx subrequest when the location
+//! says where ([`subrequest`]).
 
 #![deny(missing_docs)]
 
@@ -27,6 +30,7 @@ pub mod metric_table;
 pub mod prometheus;
 pub mod shm;
 mod stream;
+pub mod subrequest;
 pub mod upstream;
 pub mod vm;
 pub mod worker;
@@ -112,6 +116,9 @@ pub struct LocConf {
     filters: Vec<FilterRef>,
     /// `proxy_wasm_failure_policy`: `Some(true)` for open; unset inherits, default closed.
     failure_open: Option<bool>,
+    /// `proxy_wasm_call_location`: the URI prefix of the location in-request calls go to
+    /// as subrequests; unset inherits, default none (the module's own client).
+    call_location: Option<String>,
 }
 
 impl LocConf {
@@ -130,6 +137,9 @@ impl Merge for LocConf {
         if self.failure_open.is_none() {
             self.failure_open = prev.failure_open;
         }
+        if self.call_location.is_none() {
+            self.call_location = prev.call_location.clone();
+        }
         Ok(())
     }
 }
@@ -139,6 +149,14 @@ struct Module;
 impl HttpModule for Module {
     fn module() -> &'static ngx_module_t {
         unsafe { &*std::ptr::addr_of!(ngx_http_proxy_wasm_module) }
+    }
+
+    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        // Before the configuration is read: `proxy_pass` and the others name them.
+        match subrequest::add_variables(cf) {
+            Ok(()) => Status::NGX_OK.0,
+            Err(()) => Status::NGX_ERROR.0,
+        }
     }
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
@@ -179,7 +197,7 @@ unsafe impl HttpModuleLocationConf for Module {
     type LocationConf = LocConf;
 }
 
-static mut COMMANDS: [ngx_command_t; 7] = [
+static mut COMMANDS: [ngx_command_t; 8] = [
     ngx_command_t {
         name: ngx_string!("proxy_wasm_module"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
@@ -201,6 +219,15 @@ static mut COMMANDS: [ngx_command_t; 7] = [
         type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
             as ngx_uint_t,
         set: Some(set_failure_policy),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("proxy_wasm_call_location"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
+        set: Some(set_call_location),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: std::ptr::null_mut(),
@@ -233,7 +260,7 @@ static mut COMMANDS: [ngx_command_t; 7] = [
 ];
 
 static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(Module::preconfiguration),
     postconfiguration: Some(Module::postconfiguration),
     create_main_conf: Some(Module::create_main_conf),
     init_main_conf: None,
@@ -361,6 +388,28 @@ extern "C" fn set_failure_policy(
                 ))
             }
         });
+        Ok(())
+    })
+}
+
+extern "C" fn set_call_location(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    directive(cf, conf, |lc: &mut LocConf, args| {
+        if lc.call_location.is_some() {
+            return Err("\"proxy_wasm_call_location\" directive is duplicate".to_string());
+        }
+        let uri = &args[1];
+        // A URI nginx can route a subrequest by: absolute, no query, no blanks.
+        if !uri.starts_with('/') || uri.contains(['?', '#']) || uri.contains(char::is_whitespace) {
+            return Err(format!(
+                "invalid proxy_wasm_call_location \"{uri}\": expected a URI path such as \
+                 /_proxy_wasm_call"
+            ));
+        }
+        lc.call_location = Some(uri.clone());
         Ok(())
     })
 }

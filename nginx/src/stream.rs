@@ -14,23 +14,26 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use nginx_sys::ngx_delete_posted_event;
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_add_timer, ngx_buf_t, ngx_chain_t, ngx_create_temp_buf, ngx_del_timer,
+    ngx_add_timer, ngx_buf_t, ngx_chain_t, ngx_create_temp_buf, ngx_del_timer, ngx_event_t,
     ngx_http_block_reading, ngx_http_discard_request_body, ngx_http_filter_finalize_request,
-    ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_http_test_reading,
-    ngx_int_t, ngx_post_event, ngx_posted_events, NGX_LOG_NOTICE,
+    ngx_http_output_filter, ngx_http_request_t, ngx_http_run_posted_requests, ngx_http_send_header,
+    ngx_http_test_reading, ngx_int_t, ngx_post_event, ngx_posted_events, NGX_LOG_NOTICE,
 };
 use ngx::http::{HTTPStatus, HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
 use proxy_wasm_harness::abi::{stream::LocalResponse, LogLevel, Pairs};
 
+use crate::client::Owner;
 use crate::headers::{
     apply_request_headers, apply_response_headers, clear_response_headers, read_response_pairs,
     request_pairs, response_pair_count, response_pairs, set_content_length, set_content_type,
     set_status,
 };
 use crate::host::{HeadersSource, StreamAction};
+use crate::subrequest::{self, SubrequestCall};
 use crate::{log_to_nginx, with_vm, FilterRef, LocConf, Module};
 
 /// The most response body a filter may hold back with `StopIterationAndBuffer` (Envoy's
@@ -95,17 +98,33 @@ pub(crate) struct RequestCtx {
     /// A local response sent from the response phase: its body replaces the upstream's.
     replacement: Option<Vec<u8>>,
     replacement_sent: bool,
+    /// `proxy_wasm_call_location`: the URI the streams' calls go to as subrequests.
+    call_location: Option<Vec<u8>>,
+    /// Posted after subrequests are made, to run them (nginx runs posted subrequests
+    /// only after the events of the request's own connection).
+    kick: Option<Box<ngx_event_t>>,
 }
 
 thread_local! {
     /// Paused requests of this worker by (filter id, VM generation, stream id).
     static PAUSED: RefCell<HashMap<(usize, u64, u32), *mut ngx_http_request_t>> =
         RefCell::new(HashMap::new());
+    /// The request of every stream whose calls go out as subrequests, by (filter id, VM
+    /// generation, stream id); removed with the request.
+    static CALLERS: RefCell<HashMap<(usize, u64, u32), *mut ngx_http_request_t>> =
+        RefCell::new(HashMap::new());
 }
 
 impl Drop for RequestCtx {
     fn drop(&mut self) {
         PAUSED.with(|p| p.borrow_mut().retain(|_, r| *r != self.r));
+        CALLERS.with(|p| p.borrow_mut().retain(|_, r| *r != self.r));
+        if let Some(kick) = self.kick.as_mut() {
+            if kick.posted() != 0 {
+                // SAFETY: posted by `start_subrequest`; its memory goes with this context.
+                unsafe { ngx_delete_posted_event(&mut **kick) };
+            }
+        }
         for s in self.streams.drain(..) {
             if s.failed {
                 continue;
@@ -141,6 +160,35 @@ pub(crate) fn route_actions(
         }
     }
     rest
+}
+
+/// A request paused on a stream, whose headers a filter may change from another callback.
+pub(crate) struct HeldRequest(*mut ngx_http_request_t);
+
+/// The request paused on stream `key` (filter id, VM generation, stream id), with its
+/// request headers as the chain has made them so far; `None` if no request waits there.
+pub(crate) fn held_request(key: (usize, u64, u32)) -> Option<(HeldRequest, Pairs)> {
+    let r = PAUSED.with(|p| p.borrow().get(&key).copied())?;
+    // SAFETY: PAUSED holds live main requests only (removed as their context drops).
+    let headers = unsafe { ctx_of(r) }?.headers.clone();
+    Some((HeldRequest(r), headers))
+}
+
+impl HeldRequest {
+    /// The filter changed the request headers in a callback other than its request
+    /// headers' (an HTTP call's answer): they are written back when the chain passes, as
+    /// changes made in the request-headers callback are. Call it before the event loop
+    /// runs again (the request may have been woken, not ended).
+    pub(crate) fn set_headers(self, headers: Pairs) {
+        // SAFETY: a waking request is only posted, never freed, before the event loop
+        // runs again.
+        if let Some(ctx) = unsafe { ctx_of(self.0) } {
+            if matches!(ctx.phase, Phase::Paused | Phase::Woken(_)) {
+                ctx.headers = headers;
+                ctx.headers_changed = true;
+            }
+        }
+    }
 }
 
 /// The VM (filter, generation) failed: every request paused on it is woken to apply the
@@ -180,11 +228,53 @@ unsafe fn wake(r: *mut ngx_http_request_t, why: Wake) {
 }
 
 unsafe fn ctx_of<'a>(r: *mut ngx_http_request_t) -> Option<&'a mut RequestCtx> {
-    if r.is_null() {
+    // A subrequest's slot is not a RequestCtx (the module's calls keep theirs there).
+    if r.is_null() || r != (*r).main {
         return None;
     }
     let p = *(*r).ctx.add(Module::module().ctx_index) as *mut RequestCtx;
     p.as_mut()
+}
+
+/// Starts a call of a stream as a subrequest of the stream's request, and makes sure
+/// nginx runs it soon: a call made from another connection's event (a tick, an answer
+/// of the module's client) would otherwise wait for the next event of its request.
+pub(crate) fn start_subrequest(owner: Owner, call: SubrequestCall) -> Result<(), String> {
+    let key = (owner.filter.id, owner.generation, owner.context);
+    let Some(r) = CALLERS.with(|c| c.borrow().get(&key).copied()) else {
+        return Err(format!(
+            "http_call to cluster \"{}\" dropped: its request has ended",
+            call.cluster
+        ));
+    };
+    // SAFETY: CALLERS holds live main requests only (removed as their context drops).
+    unsafe {
+        let ctx = ctx_of(r).ok_or("http_call from a request without filter state")?;
+        let location = ctx
+            .call_location
+            .clone()
+            .ok_or("http_call routed to a subrequest without a call location")?;
+        subrequest::start(r, &location, owner, call)?;
+        let c = (*r).connection;
+        let kick = ctx.kick.get_or_insert_with(|| {
+            // SAFETY: all-zero is a fresh event, as ngx_pcalloc gives one.
+            let mut ev: Box<ngx_event_t> = Box::new(std::mem::zeroed());
+            ev.data = r.cast();
+            ev.handler = Some(run_subrequests);
+            ev.log = (*c).log;
+            ev
+        });
+        if kick.posted() == 0 {
+            ngx_post_event(&mut **kick, std::ptr::addr_of_mut!(ngx_posted_events));
+        }
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn run_subrequests(ev: *mut ngx_event_t) {
+    let r = (*ev).data as *mut ngx_http_request_t;
+    // The event is deleted before the request goes, so `r` is live.
+    ngx_http_run_posted_requests((*r).connection);
 }
 
 /// The rewrite-phase handler: the request headers go through the chain.
@@ -340,6 +430,8 @@ unsafe fn new_ctx<'a>(r: *mut ngx_http_request_t, lc: &LocConf) -> Option<&'a mu
         phase: Phase::Running,
         replacement: None,
         replacement_sent: false,
+        call_location: lc.call_location.clone().map(String::into_bytes),
+        kick: None,
     });
     if ctx.is_null() {
         return None;
@@ -367,8 +459,13 @@ unsafe fn run_chain(ctx: &mut RequestCtx) -> Verdict {
         // Fail-open goes on with the headers as they were before this filter.
         let backup = (ctx.fail_open && ctx.headers_changed).then(|| headers.clone());
         let streams = &mut ctx.streams;
+        let via_subrequests = ctx.call_location.is_some();
         let run = with_vm(&filter, |vm, gen| {
             let id = vm.create_stream()?;
+            if via_subrequests {
+                vm.route_calls_through_subrequests(id);
+                CALLERS.with(|c| c.borrow_mut().insert((filter.id, gen, id), r));
+            }
             streams.push(FilterStream {
                 filter: filter.clone(),
                 gen,
@@ -605,7 +702,7 @@ pub const FILE_PIECE: usize = 256 << 10;
 
 /// One input link's bytes, in pieces: a memory buffer as one piece, a file buffer (a body
 /// spooled to a proxy temp file) read back from its file in pieces of [`FILE_PIECE`].
-unsafe fn link_pieces(b: *mut ngx_buf_t) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) unsafe fn link_pieces(b: *mut ngx_buf_t) -> Result<Vec<Vec<u8>>, String> {
     if (*b).in_file() != 0 && (*b).temporary() == 0 && (*b).memory() == 0 && (*b).mmap() == 0 {
         let f = (*b).file;
         let (start, end) = ((*b).file_pos, (*b).file_last);
@@ -643,7 +740,7 @@ fn read_at(fd: i32, out: &mut [u8], offset: u64) -> std::io::Result<()> {
 }
 
 /// Marks a buffer consumed (its bytes were replaced or held back).
-unsafe fn consume(b: *mut ngx_buf_t) {
+pub(crate) unsafe fn consume(b: *mut ngx_buf_t) {
     (*b).pos = (*b).last;
     if (*b).in_file() != 0 {
         (*b).file_pos = (*b).file_last;
@@ -736,7 +833,7 @@ unsafe fn response_body(
     r: *mut ngx_http_request_t,
     input: *mut ngx_chain_t,
 ) -> Result<*mut ngx_chain_t, String> {
-    let Some(ctx) = ctx_of(r).filter(|_| r == (*r).main) else {
+    let Some(ctx) = ctx_of(r) else {
         return Ok(input);
     };
     if let Some(body) = ctx.replacement.clone() {
@@ -840,6 +937,20 @@ pub(crate) extern "C" fn response_body_filter(
     r: *mut ngx_http_request_t,
     input: *mut ngx_chain_t,
 ) -> ngx_int_t {
+    // A call's subrequest: its output is the call's answer, taken here; nothing of it
+    // goes down the chain (not even an empty flush, which nginx's in-memory buffer
+    // could refuse).
+    let taken = catch_unwind(AssertUnwindSafe(|| unsafe {
+        r != (*r).main && subrequest::take_output(r, input)
+    }));
+    match taken {
+        Ok(true) => return Status::NGX_OK.0,
+        Ok(false) => {}
+        Err(_) => {
+            log_to_nginx(LogLevel::Error, "internal error (panic) in the body filter");
+            return Status::NGX_ERROR.0;
+        }
+    }
     let out = catch_unwind(AssertUnwindSafe(|| unsafe { response_body(r, input) }))
         .unwrap_or_else(|_| Err("internal error (panic) in the body filter".into()));
     match out {

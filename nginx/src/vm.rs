@@ -431,6 +431,7 @@ impl PluginVm {
         })();
         let d = self.store.data_mut();
         d.streams.remove(&id);
+        d.subrequest_streams.remove(&id);
         d.properties.clear();
         d.effective = d.root;
         r
@@ -462,6 +463,23 @@ impl PluginVm {
         std::mem::take(&mut self.store.data_mut().outgoing)
     }
 
+    /// Sends the in-request calls of stream `id` as nginx subrequests from now on (its
+    /// request's location has a `proxy_wasm_call_location`).
+    pub fn route_calls_through_subrequests(&mut self, id: u32) {
+        self.store
+            .data_mut()
+            .subrequest_streams
+            .insert(id, Default::default());
+    }
+
+    /// A subrequest call of `context` ended without reaching the guest (it could not
+    /// start, or its request ended): it no longer counts as in flight.
+    pub fn subrequest_call_ended(&mut self, context: u32) {
+        if let Some(b) = self.store.data_mut().subrequest_streams.get_mut(&context) {
+            b.in_flight = b.in_flight.saturating_sub(1);
+        }
+    }
+
     /// Runs `proxy_on_tick` on the root context.
     pub fn tick(&mut self) -> Result<(), VmError> {
         let Some(f) = self.exports.on_tick.clone() else {
@@ -478,16 +496,20 @@ impl PluginVm {
     /// Runs `proxy_on_http_call_response` for call `token` of `context`, with the
     /// response (headers map 6, body buffer 4, trailers map 7) or, for a failed call, none:
     /// zero headers and `BrokenConnection`/`reset` from `proxy_get_status`, as Envoy does.
-    /// Returns false, without a callback, when `context` is gone (a stream that ended:
-    /// Envoy cancels its calls).
+    /// `request_headers` are those of the stream's request while it waits for the filter
+    /// (paused in its request headers): readable and changeable during the callback, as
+    /// in Envoy, and given back with whether they changed. No callback when `context` is
+    /// gone (a stream that ended: Envoy cancels its calls).
     pub fn http_call_response(
         &mut self,
         context: u32,
         token: u32,
         response: Option<Response>,
-    ) -> Result<bool, VmError> {
+        request_headers: Option<Pairs>,
+    ) -> Result<Option<(Pairs, bool)>, VmError> {
+        self.subrequest_call_ended(context);
         let Some(f) = self.exports.on_http_call_response.clone() else {
-            return Ok(false);
+            return Ok(None);
         };
         let (nh, nb, nt) = response.as_ref().map_or((0, 0, 0), |r| {
             (r.headers.len(), r.body.len(), r.trailers.len())
@@ -495,9 +517,11 @@ impl PluginVm {
         {
             let d = self.store.data_mut();
             if context != d.root && !d.streams.contains(&context) {
-                return Ok(false);
+                return Ok(None);
             }
             d.effective = context;
+            d.request_headers = request_headers;
+            d.request_headers_dirty = false;
             d.status = if response.is_some() {
                 (0, Vec::new())
             } else {
@@ -524,6 +548,8 @@ impl PluginVm {
         d.call_response = None;
         d.status = (0, Vec::new());
         d.effective = d.root;
-        r.map(|()| true)
+        let headers = d.request_headers.take();
+        let changed = std::mem::take(&mut d.request_headers_dirty);
+        r.map(|()| headers.map(|h| (h, changed)))
     }
 }

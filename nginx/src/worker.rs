@@ -21,7 +21,9 @@ use ngx::ffi::{
 use ngx::http::{HttpModuleMainConf, NgxHttpUpstreamModule};
 use proxy_wasm_harness::abi::LogLevel;
 
-use crate::client::{self, Outcome, Owner};
+use crate::client::{self, ClientCall, Outcome, Owner};
+use crate::host::CallRoute;
+use crate::subrequest::SubrequestCall;
 use crate::upstream::{self, Cluster, Clusters, Peer};
 use crate::vm::{PluginVm, VmError};
 use crate::{log_to_nginx, FilterRef, Module, VMS};
@@ -167,7 +169,30 @@ pub(crate) fn after_callback(filter: &FilterRef, vm: &mut PluginVm, ticked: bool
             context: call.context,
             token: call.token,
         };
-        client::start(owner, call);
+        match call.route {
+            CallRoute::Client { peer, request } => client::start(
+                owner,
+                ClientCall {
+                    cluster: call.cluster,
+                    timeout: call.timeout,
+                    peer,
+                    request,
+                },
+            ),
+            CallRoute::Subrequest { head, body } => {
+                let sub = SubrequestCall {
+                    cluster: call.cluster,
+                    timeout: call.timeout,
+                    head,
+                    body,
+                };
+                if let Err(e) = crate::stream::start_subrequest(owner, sub) {
+                    // Never answered: the request's own pause timer is the backstop.
+                    log_to_nginx(LogLevel::Error, &e);
+                    vm.subrequest_call_ended(call.context);
+                }
+            }
+        }
     }
 }
 
@@ -250,9 +275,15 @@ pub(crate) fn deliver(owner: Owner, outcome: Outcome) {
         Outcome::Response(r) => Some(r),
         Outcome::Reset => None,
     };
-    with_live_vm(&owner.filter, owner.generation, false, |vm| {
-        vm.http_call_response(owner.context, owner.token, response)
+    // A request waiting for this stream: the filter may change its headers now.
+    let (held, headers) =
+        crate::stream::held_request((owner.filter.id, owner.generation, owner.context)).unzip();
+    let back = with_live_vm(&owner.filter, owner.generation, false, |vm| {
+        vm.http_call_response(owner.context, owner.token, response, headers)
     });
+    if let (Some(held), Some(Some((headers, true)))) = (held, back) {
+        held.set_headers(headers);
+    }
 }
 
 /// Runs `f` on `filter`'s VM if it exists and is `generation` (never makes one); a

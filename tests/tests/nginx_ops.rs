@@ -738,3 +738,486 @@ fn a_body_spooled_to_a_temp_file_is_stored() {
         .check_logs(&["buffered to a temporary file"])
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A filter that calls cluster `upstream` from `proxy_on_request_headers` and waits
+/// (StopIteration):
+/// - normally `POST /call/check?x=1` with `x-call: from-filter`, `:authority call.test`,
+///   the body `call body` and a 5 s timeout; with an `x-timeout` request header
+///   `GET /call/slow` with a 300 ms timeout;
+/// - from `proxy_on_http_call_response`, with an `x-reply` request header, a local reply
+///   200 carrying what it got: `x-call-status` (the answer's `:status`, `reset` without
+///   headers), `x-call-header` (its `x-answer`) and its body; without, it adds
+///   `x-call-status` to the request headers and resumes the request.
+///
+/// `{CALL}` and `{SLOW}` are the two calls' header maps (Proxy-Wasm's serialization),
+/// filled in by [`call_filter_bytes`].
+const CALL_FILTER_WAT: &str = r#"
+(module
+  (import "env" "proxy_get_header_map_value"
+    (func $get_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value"
+    (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call"
+    (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes"
+    (func $get_body (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response"
+    (func $local_response (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  (memory (export "memory") 2)
+  ;; 0/4: body ptr/len, 8/12: status ptr/len, 20/24: x-answer ptr/len, 1024: token,
+  ;; 2048: reply mode per context, 4096: the local reply's header map.
+  (data (i32.const 32) "x-reply")
+  (data (i32.const 48) "x-timeout")
+  (data (i32.const 64) "upstream")
+  (data (i32.const 80) ":status")
+  (data (i32.const 96) "x-answer")
+  (data (i32.const 112) "x-call-status")
+  (data (i32.const 128) "x-call-header")
+  (data (i32.const 144) "call body")
+  (data (i32.const 160) "reset")
+  (data (i32.const 256) "{CALL}")
+  (data (i32.const 512) "{SLOW}")
+  (global $heap (mut i32) (i32.const 65536))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func $slot (param $ctx i32) (result i32)
+    (i32.add (i32.const 2048) (i32.shl (i32.and (local.get $ctx) (i32.const 255)) (i32.const 2))))
+  ;; Copies len bytes from src to p, then a NUL; returns the end.
+  (func $put (param $p i32) (param $src i32) (param $len i32) (result i32)
+    (memory.copy (local.get $p) (local.get $src) (local.get $len))
+    (i32.store8 (i32.add (local.get $p) (local.get $len)) (i32.const 0))
+    (i32.add (i32.add (local.get $p) (local.get $len)) (i32.const 1)))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param i32 i32) (result i32)
+    (local $rc i32)
+    (global.set $heap (i32.const 65536))
+    (i32.store (call $slot (local.get $ctx))
+      (i32.eqz (call $get_header (i32.const 0) (i32.const 32) (i32.const 7)
+                                 (i32.const 0) (i32.const 4))))
+    (if (i32.eqz (call $get_header (i32.const 0) (i32.const 48) (i32.const 9)
+                                   (i32.const 0) (i32.const 4)))
+      (then (local.set $rc (call $http_call (i32.const 64) (i32.const 8)
+              (i32.const 512) (i32.const {SLOW_LEN}) (i32.const 0) (i32.const 0)
+              (i32.const 0) (i32.const 0) (i32.const 300) (i32.const 1024))))
+      (else (local.set $rc (call $http_call (i32.const 64) (i32.const 8)
+              (i32.const 256) (i32.const {CALL_LEN}) (i32.const 144) (i32.const 9)
+              (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 1024)))))
+    ;; A refused call: go on without waiting.
+    (if (local.get $rc) (then (return (i32.const 0))))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response")
+    (param $ctx i32) (param $token i32) (param $nh i32) (param $size i32) (param $nt i32)
+    (local $end i32)
+    (global.set $heap (i32.const 65536))
+    (if (i32.eqz (local.get $nh))
+      (then (i32.store (i32.const 8) (i32.const 160)) (i32.store (i32.const 12) (i32.const 5)))
+      ;; map 6 = the call's response headers.
+      (else (drop (call $get_header (i32.const 6) (i32.const 80) (i32.const 7)
+                                    (i32.const 8) (i32.const 12)))))
+    (if (i32.load (call $slot (local.get $ctx)))
+      (then
+        (i32.store (i32.const 20) (i32.const 0))
+        (i32.store (i32.const 24) (i32.const 0))
+        (drop (call $get_header (i32.const 6) (i32.const 96) (i32.const 8)
+                                (i32.const 20) (i32.const 24)))
+        (i32.store (i32.const 0) (i32.const 0))
+        (i32.store (i32.const 4) (i32.const 0))
+        ;; buffer 4 = the call's response body.
+        (drop (call $get_body (i32.const 4) (i32.const 0) (local.get $size)
+                              (i32.const 0) (i32.const 4)))
+        (i32.store (i32.const 4096) (i32.const 2))
+        (i32.store (i32.const 4100) (i32.const 13))
+        (i32.store (i32.const 4104) (i32.load (i32.const 12)))
+        (i32.store (i32.const 4108) (i32.const 13))
+        (i32.store (i32.const 4112) (i32.load (i32.const 24)))
+        (local.set $end (call $put (i32.const 4116) (i32.const 112) (i32.const 13)))
+        (local.set $end (call $put (local.get $end) (i32.load (i32.const 8)) (i32.load (i32.const 12))))
+        (local.set $end (call $put (local.get $end) (i32.const 128) (i32.const 13)))
+        (local.set $end (call $put (local.get $end) (i32.load (i32.const 20)) (i32.load (i32.const 24))))
+        (drop (call $local_response (i32.const 200) (i32.const 0) (i32.const 0)
+                (i32.load (i32.const 0)) (i32.load (i32.const 4))
+                (i32.const 4096) (i32.sub (local.get $end) (i32.const 4096)) (i32.const -1))))
+      (else
+        ;; map 0 = the (paused) request's headers; stream 0 = the request.
+        (drop (call $add_header (i32.const 0) (i32.const 112) (i32.const 13)
+                                (i32.load (i32.const 8)) (i32.load (i32.const 12))))
+        (drop (call $continue (i32.const 0))))))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_abi_version_0_2_1")))
+"#;
+
+/// A header map in Proxy-Wasm's serialization: the count, each name and value length
+/// (u32 little-endian), then each name and value followed by a NUL.
+fn header_map(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        for s in [k, v] {
+            out.extend_from_slice(s.as_bytes());
+            out.push(0);
+        }
+    }
+    out
+}
+
+/// Bytes as a WAT string literal's contents.
+fn wat_bytes(b: &[u8]) -> String {
+    b.iter().map(|c| format!("\\{c:02x}")).collect()
+}
+
+fn call_filter_bytes() -> Vec<u8> {
+    let call = header_map(&[
+        (":method", "POST"),
+        (":path", "/call/check?x=1"),
+        (":authority", "call.test"),
+        ("x-call", "from-filter"),
+    ]);
+    let slow = header_map(&[
+        (":method", "GET"),
+        (":path", "/call/slow"),
+        (":authority", "call.test"),
+    ]);
+    assert!(call.len() <= 256 && slow.len() <= 256, "the maps overlap");
+    let text = CALL_FILTER_WAT
+        .replace("{CALL}", &wat_bytes(&call))
+        .replace("{CALL_LEN}", &call.len().to_string())
+        .replace("{SLOW}", &wat_bytes(&slow))
+        .replace("{SLOW_LEN}", &slow.len().to_string());
+    wat::parse_str(text).expect("the call filter's WAT")
+}
+
+/// The listener lines that send the filter's in-request calls through nginx: the
+/// directive and the internal location, as README.md shows them.
+const CALL_LOCATION_LINES: [&str; 2] = [
+    "proxy_wasm_call_location /_proxy_wasm_call;",
+    "location /_proxy_wasm_call { internal; \
+     proxy_pass http://$proxy_wasm_call_cluster$proxy_wasm_call_path; \
+     proxy_set_header Host $proxy_wasm_call_authority; \
+     proxy_http_version 1.1; proxy_set_header Connection \"\"; \
+     proxy_connect_timeout 1s; proxy_read_timeout 10s; \
+     subrequest_output_buffer_size 64k; }",
+];
+
+/// nginx with the call filter and the call location, in front of `up`.
+fn start_call_filter(up: &Upstream, dir: &ScratchDir) -> Nginx {
+    let wasm = dir.0.join("call-filter.wasm");
+    write_atomically(&wasm, &call_filter_bytes());
+    let mut conf = NginxConf::new(1, "{}").wasm(&wasm);
+    for l in CALL_LOCATION_LINES {
+        conf = conf.listener_line(l);
+    }
+    start(up, &conf)
+}
+
+/// An origin for the call tests: `/call/check` answers 202 with `x-answer: 42` and
+/// `checked: <the request body>`; `/call/slow` the same after `slow`; anything else
+/// `origin <path>`.
+fn call_origin(slow: Duration) -> Upstream {
+    Upstream::origin(move |req| {
+        if req.path.starts_with("/call/") {
+            if req.path == "/call/slow" {
+                thread::sleep(slow);
+            }
+            let mut body = b"checked: ".to_vec();
+            body.extend_from_slice(&req.body);
+            return Reply::new(202)
+                .header("Content-Type", "text/plain")
+                .header("X-Answer", "42")
+                .body(body);
+        }
+        Reply::text(format!("origin {}", req.path)).header("Cache-Control", "no-store")
+    })
+}
+
+/// The call reaches the named upstream through the declared location, with the method,
+/// path, headers and body the filter set (not the client request's), and its answer
+/// (status, a header, the body) reaches the filter, which answers the client with it.
+/// The subrequest's own output never reaches the client.
+#[test]
+fn an_in_request_call_goes_through_the_call_location() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::ZERO);
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let r = nginx.request(
+        "GET",
+        "/main?q=1",
+        &[("x-reply", "1"), ("x-parent", "client")],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+    assert_eq!(r.header("x-call-status"), Some("202"));
+    assert_eq!(r.header("x-call-header"), Some("42"));
+    assert_eq!(r.text(), "checked: call body");
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1, "only the call reached the origin: {seen:?}");
+    let call = &seen[0];
+    assert_eq!(call.method, "POST");
+    assert_eq!(call.path, "/call/check?x=1");
+    assert_eq!(call.headers.get("x-call"), Some("from-filter"));
+    assert_eq!(call.headers.get("host"), Some("call.test"));
+    assert_eq!(call.headers.get("content-length"), Some("9"));
+    assert_eq!(call.body, b"call body");
+    assert_eq!(
+        call.headers.get("x-parent"),
+        None,
+        "the client's headers are not the call's"
+    );
+    // Keep-alive to the upstream (the location's proxy_http_version 1.1).
+    assert_eq!(call.headers.get("connection"), None);
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The filter resumes the request from the call's answer, with a request header added
+/// from it: the upstream gets the request with that header, the client the upstream's
+/// response only.
+#[test]
+fn an_in_request_call_answer_resumes_the_request_with_a_header_added() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::ZERO);
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    for i in 0..3 {
+        let r = nginx.get(&format!("/resumed/{i}"));
+        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+        assert_eq!(r.text(), format!("origin /resumed/{i}"));
+        let main = up
+            .requests()
+            .into_iter()
+            .find(|q| q.path == format!("/resumed/{i}"))
+            .expect("the resumed request reached the origin");
+        assert_eq!(main.headers.get("x-call-status"), Some("202"));
+    }
+    assert_eq!(up.count("/call/check?x=1"), 3);
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The called upstream is down: nginx ends the subrequest with 502, the filter gets that
+/// status, and the client still gets the filter's answer. The worker carries on.
+#[test]
+fn an_in_request_call_to_a_down_upstream_answers_502() {
+    if nginx::skipped() {
+        return;
+    }
+    let mut up = call_origin(Duration::ZERO);
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let workers = nginx.worker_pids().to_vec();
+    up.stop();
+    for _ in 0..2 {
+        let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+        assert_eq!(r.header("x-call-status"), Some("502"));
+        assert_eq!(r.text(), "", "no body with nginx's own status");
+    }
+    assert_eq!(nginx.running_workers(), workers);
+    assert!(
+        nginx.error_log().contains("connect() failed"),
+        "nginx logged the failed connect"
+    );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A call that takes longer than its timeout: the filter gets Envoy's 504 at the
+/// timeout, long before the upstream answers; the worker carries on, and the late answer
+/// goes nowhere.
+#[test]
+fn an_in_request_call_that_times_out_answers_504() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::from_millis(1500));
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let t0 = Instant::now();
+    let r = nginx.request("GET", "/main", &[("x-reply", "1"), ("x-timeout", "1")], b"");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+    assert_eq!(r.header("x-call-status"), Some("504"));
+    assert_eq!(r.text(), "upstream request timeout");
+    assert!(
+        took < Duration::from_millis(1200),
+        "answered at the call's timeout, not the upstream's answer: {took:?}"
+    );
+    assert!(nginx.error_log().contains("timed out after 300 ms"));
+    // After the late answer has come (and gone nowhere), the worker still answers.
+    thread::sleep(Duration::from_millis(1600));
+    let next = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+    assert_eq!(next.header("x-call-status"), Some("202"));
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A client that leaves while its request waits for a call: nginx ends the request and
+/// its subrequest; nothing is delivered to the gone stream, the worker does not crash,
+/// and the next request is answered.
+#[test]
+fn a_client_that_leaves_mid_call_does_not_hurt_the_worker() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::from_millis(1000));
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let workers = nginx.worker_pids().to_vec();
+    let addr = nginx.listener_addr();
+    for _ in 0..3 {
+        use std::io::Write;
+        // Gone 100 ms into a call the upstream answers after 1 s (its timeout: 300 ms).
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(
+            b"GET /leaving HTTP/1.1\r\nHost: edge.test\r\nx-reply: 1\r\nx-timeout: 1\r\n\r\n",
+        )
+        .unwrap();
+        thread::sleep(Duration::from_millis(100));
+        drop(s);
+    }
+    // Longer than the call's timeout and the upstream's delay: every late event has run.
+    thread::sleep(Duration::from_millis(1500));
+    let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+    assert_eq!(r.header("x-call-status"), Some("202"));
+    assert_eq!(nginx.running_workers(), workers, "the worker was replaced");
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// An answer larger than the call location's `subrequest_output_buffer_size` (64k): the
+/// call fails; the filter gets the failure (no headers, as Envoy's reset), the client
+/// still gets the filter's answer (nginx's own in-memory buffer would have cut the
+/// client's connection), and the worker carries on.
+#[test]
+fn an_in_request_call_answer_over_the_buffer_is_a_reset() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        if req.path.starts_with("/call/") {
+            return Reply::new(200)
+                .header("X-Answer", "big")
+                .body(vec![b'x'; 100_000]);
+        }
+        Reply::text("origin").header("Cache-Control", "no-store")
+    });
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let workers = nginx.worker_pids().to_vec();
+    for _ in 0..2 {
+        let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+        assert_eq!(r.header("x-call-status"), Some("reset"));
+        assert_eq!(r.text(), "");
+    }
+    assert_eq!(nginx.running_workers(), workers);
+    assert!(
+        nginx.error_log().contains("is over 65536 bytes"),
+        "the module logged the refused answer"
+    );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// An answer the upstream cuts short (it promised 1000 bytes, sent 10, closed): nginx
+/// ends the subrequest as if it were whole; the filter gets a reset, not the 10 bytes.
+#[test]
+fn an_in_request_call_answer_cut_short_is_a_reset() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        if req.path.starts_with("/call/") {
+            return Reply::new(200)
+                .body(vec![b'x'; 1000])
+                .mode(edge_filter_e2e::upstream::BodyMode::TruncatedLength { sent: 10 });
+        }
+        Reply::text("origin").header("Cache-Control", "no-store")
+    });
+    let dir = ScratchDir::new().expect("scratch dir");
+    let nginx = start_call_filter(&up, &dir);
+    let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+    assert_eq!(r.header("x-call-status"), Some("reset"));
+    assert_eq!(r.text(), "");
+    assert!(nginx.error_log().contains("was cut short"));
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Without `proxy_wasm_call_location`, a call made inside a request keeps the module's
+/// own client (one connection per call, `Connection: close`), and its answer reaches the
+/// filter the same way.
+#[test]
+fn without_a_call_location_in_request_calls_use_the_modules_client() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::ZERO);
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("call-filter.wasm");
+    write_atomically(&wasm, &call_filter_bytes());
+    let nginx = start(&up, &NginxConf::new(1, "{}").wasm(&wasm));
+    let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+    assert_eq!(r.header("x-call-status"), Some("202"));
+    assert_eq!(r.text(), "checked: call body");
+    let call = up
+        .requests()
+        .into_iter()
+        .find(|q| q.path == "/call/check?x=1")
+        .expect("the call reached the origin");
+    assert_eq!(call.headers.get("connection"), Some("close"));
+    assert_eq!(call.headers.get("x-call"), Some("from-filter"));
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Many requests at once, each waiting for its own call, on 2 workers: every one is
+/// resumed with its call's answer, none is lost or answered twice.
+#[test]
+fn concurrent_in_request_calls_each_resume_their_own_request() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = call_origin(Duration::ZERO);
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("call-filter.wasm");
+    write_atomically(&wasm, &call_filter_bytes());
+    let mut conf = NginxConf::new(2, "{}").wasm(&wasm);
+    for l in CALL_LOCATION_LINES {
+        conf = conf.listener_line(l);
+    }
+    let nginx = start(&up, &conf);
+    let addr = nginx.listener_addr();
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            thread::spawn(move || {
+                for i in 0..5 {
+                    let path = format!("/many/{t}/{i}");
+                    let r = http::send(addr, "GET", &path, &[], b"").expect("a response");
+                    assert_eq!(r.status, 200, "{path}: {}", r.text());
+                    assert_eq!(r.text(), format!("origin {path}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client thread panicked");
+    }
+    let seen = up.requests();
+    let mains: Vec<_> = seen
+        .iter()
+        .filter(|q| q.path.starts_with("/many/"))
+        .collect();
+    assert_eq!(mains.len(), 80);
+    assert!(mains
+        .iter()
+        .all(|q| q.headers.get_all("x-call-status") == vec!["202"]));
+    assert_eq!(up.count("/call/check?x=1"), 80);
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
