@@ -22,7 +22,8 @@ use proxy_wasm_harness::abi::{
     AbiState, AbiView, BufferType, HostResult, LogLevel, MapType, MetricType, Pairs, Status,
     StreamType,
 };
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::HashSet;
 use std::ffi::c_void;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -153,7 +154,7 @@ pub struct HostState {
     /// The root context id.
     pub root: u32,
     /// Live stream contexts (for `set_effective_context`).
-    pub streams: HashSet<u32>,
+    pub streams: FxHashSet<u32>,
     /// The context host calls act on.
     pub effective: u32,
     /// Request headers, available while their callback runs.
@@ -186,7 +187,7 @@ pub struct HostState {
     pub outgoing: Vec<OutgoingCall>,
     /// Streams whose calls go out as nginx subrequests (their request's location has a
     /// `proxy_wasm_call_location`), with what they used.
-    pub subrequest_streams: HashMap<u32, SubrequestBudget>,
+    pub subrequest_streams: FxHashMap<u32, SubrequestBudget>,
     /// The `http_call` answer, readable only during `on_http_call_response`.
     pub call_response: Option<Response>,
     /// What `proxy_get_status` reads: a failed call's `BrokenConnection`/`reset`.
@@ -212,7 +213,7 @@ impl HostState {
             vm_id: vm_id.to_string(),
             plugin_config: None,
             root: 1,
-            streams: HashSet::new(),
+            streams: FxHashSet::default(),
             effective: 1,
             request_headers: None,
             request_headers_dirty: false,
@@ -227,7 +228,7 @@ impl HostState {
             tick_period: None,
             tick_changed: false,
             outgoing: Vec::new(),
-            subrequest_streams: HashMap::new(),
+            subrequest_streams: FxHashMap::default(),
             call_response: None,
             status: (0, Vec::new()),
             next_token: 0,

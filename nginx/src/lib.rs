@@ -35,8 +35,8 @@ pub mod upstream;
 pub mod vm;
 pub mod worker;
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -457,7 +457,7 @@ thread_local! {
     /// This worker's VMs, one per `proxy_wasm` directive, made at worker start or on first
     /// use. Each knows its generation: a replaced VM's streams, timers and calls never
     /// reach its successor.
-    pub(crate) static VMS: RefCell<HashMap<usize, PluginVm>> = RefCell::new(HashMap::new());
+    pub(crate) static VMS: RefCell<FxHashMap<usize, PluginVm>> = RefCell::default();
 }
 
 /// What a callback run on a VM returned, with the stream actions it queued for streams

@@ -9,8 +9,8 @@
 //! the configuration is being read: its shared data and metrics go to a store of that
 //! process (see `host.rs`), so checking a new configuration cannot change the live cache.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
@@ -489,8 +489,8 @@ pub fn kv_set(vm_id: &str, key: &str, value: Option<&[u8]>, cas: u32) -> Option<
 thread_local! {
     /// This worker's map from a metric to its record in the zone (`None`: refused, kept
     /// in the worker's own store), and the zone it was made for.
-    static METRIC_RECORDS: RefCell<(usize, HashMap<MetricKey, Option<u32>>)> =
-        RefCell::new((0, HashMap::new()));
+    static METRIC_RECORDS: RefCell<(usize, FxHashMap<MetricKey, Option<u32>>)> =
+        RefCell::default();
 }
 
 /// Runs `f` on the metric records under the zone's mutex. `None`: no zone in use.
@@ -513,7 +513,7 @@ fn metric_record(key: &MetricKey) -> Option<u32> {
     let known = METRIC_RECORDS.with(|m| {
         let mut m = m.borrow_mut();
         if m.0 != zone {
-            *m = (zone, HashMap::new());
+            *m = (zone, FxHashMap::default());
         }
         m.1.get(key).copied()
     });

@@ -9,8 +9,8 @@
 //! callback. A client that goes away meanwhile ends the request (`ngx_http_test_reading`),
 //! which ends its streams.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -107,12 +107,12 @@ pub(crate) struct RequestCtx {
 
 thread_local! {
     /// Paused requests of this worker by (filter id, VM generation, stream id).
-    static PAUSED: RefCell<HashMap<(usize, u64, u32), *mut ngx_http_request_t>> =
-        RefCell::new(HashMap::new());
+    static PAUSED: RefCell<FxHashMap<(usize, u64, u32), *mut ngx_http_request_t>> =
+        RefCell::default();
     /// The request of every stream whose calls go out as subrequests, by (filter id, VM
     /// generation, stream id); removed with the request.
-    static CALLERS: RefCell<HashMap<(usize, u64, u32), *mut ngx_http_request_t>> =
-        RefCell::new(HashMap::new());
+    static CALLERS: RefCell<FxHashMap<(usize, u64, u32), *mut ngx_http_request_t>> =
+        RefCell::default();
 }
 
 impl Drop for RequestCtx {

@@ -7,6 +7,7 @@
 
 use super::limits::MAX_GUEST_BYTES;
 use super::{code, memory, AbiView, HostResult, MetricType, Status};
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use wasmtime::{Caller, Linker};
@@ -59,8 +60,8 @@ pub type MetricKey = (MetricType, String);
 #[derive(Default)]
 pub struct MetricIds {
     next: [u32; 3],
-    by_id: HashMap<u32, MetricKey>,
-    by_name: HashMap<MetricKey, u32>,
+    by_id: FxHashMap<u32, MetricKey>,
+    by_name: FxHashMap<MetricKey, u32>,
 }
 
 const TYPE_MASK: u32 = 0x3;
