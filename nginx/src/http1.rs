@@ -676,10 +676,11 @@ impl ResponseParser {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pairs(p: &[(&str, &str)]) -> Pairs {
+    /// Header pairs from string literals (also for other modules' tests).
+    pub(crate) fn pairs(p: &[(&str, &str)]) -> Pairs {
         p.iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect()

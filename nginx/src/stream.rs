@@ -739,6 +739,25 @@ fn read_at(fd: i32, out: &mut [u8], offset: u64) -> std::io::Result<()> {
     f.read_exact_at(out, offset)
 }
 
+/// The buffers of a chain, in order (links without one skipped).
+///
+/// # Safety
+/// `cl` is a valid chain whose links and buffers outlive the iteration; the iteration
+/// reads each link's `next` before yielding its buffer, so buffers may be consumed.
+pub(crate) unsafe fn bufs(mut cl: *mut ngx_chain_t) -> impl Iterator<Item = *mut ngx_buf_t> {
+    std::iter::from_fn(move || {
+        while !cl.is_null() {
+            // SAFETY: the caller's contract.
+            let (b, next) = unsafe { ((*cl).buf, (*cl).next) };
+            cl = next;
+            if !b.is_null() {
+                return Some(b);
+            }
+        }
+        None
+    })
+}
+
 /// Marks a buffer consumed (its bytes were replaced or held back).
 pub(crate) unsafe fn consume(b: *mut ngx_buf_t) {
     (*b).pos = (*b).last;
@@ -839,12 +858,8 @@ unsafe fn response_body(
     if let Some(body) = ctx.replacement.clone() {
         // The response was replaced by a local response: the upstream's bytes are
         // dropped, ours go once.
-        let mut cl = input;
-        while !cl.is_null() {
-            if !(*cl).buf.is_null() {
-                consume((*cl).buf);
-            }
-            cl = (*cl).next;
+        for b in bufs(input) {
+            consume(b);
         }
         if ctx.replacement_sent {
             return Ok(std::ptr::null_mut());
@@ -860,13 +875,7 @@ unsafe fn response_body(
     }
     let mut out = Vec::new();
     let mut touched = false;
-    let mut cl = input;
-    while !cl.is_null() {
-        let b = (*cl).buf;
-        cl = (*cl).next;
-        if b.is_null() {
-            continue;
-        }
+    for b in bufs(input) {
         let eos = (*b).last_buf() != 0;
         let pieces = link_pieces(b)?;
         if pieces.is_empty() && !eos {

@@ -533,13 +533,7 @@ pub(crate) unsafe fn take_output(r: *mut ngx_http_request_t, input: *mut ngx_cha
         return false;
     };
     let limit = answer_limit(r);
-    let mut cl = input;
-    while !cl.is_null() {
-        let b = (*cl).buf;
-        cl = (*cl).next;
-        if b.is_null() {
-            continue;
-        }
+    for b in crate::stream::bufs(input) {
         // A subrequest's last buffer says last_in_chain (last_buf is the main's).
         if (*b).last_buf() != 0 || (*b).last_in_chain() != 0 {
             sc.answer_complete = true;
@@ -612,11 +606,7 @@ unsafe extern "C" fn timed_out(ev: *mut ngx_event_t) {
 mod tests {
     use super::*;
 
-    fn pairs(p: &[(&str, &str)]) -> Pairs {
-        p.iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect()
-    }
+    use crate::http1::tests::pairs;
 
     #[test]
     fn the_answer_is_status_then_nginx_fields_then_the_list() {

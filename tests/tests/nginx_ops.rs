@@ -917,6 +917,25 @@ fn start_call_filter(up: &Upstream, dir: &ScratchDir) -> Nginx {
     start(up, &conf)
 }
 
+/// A call that failed: twice, the client still gets the filter's reply, which says what
+/// the filter got (`call_status`, and no body); the same workers serve it; nginx's error
+/// log says `logged`, and nothing worse.
+fn assert_failed_call(nginx: &Nginx, call_status: &str, logged: &str) {
+    let workers = nginx.worker_pids().to_vec();
+    for _ in 0..2 {
+        let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
+        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
+        assert_eq!(r.header("x-call-status"), Some(call_status));
+        assert_eq!(r.text(), "", "no body in the answer the filter got");
+    }
+    assert_eq!(nginx.running_workers(), workers);
+    assert!(
+        nginx.error_log().contains(logged),
+        "the error log says {logged:?}"
+    );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// An origin for the call tests: `/call/check` answers 202 with `x-answer: 42` and
 /// `checked: <the request body>`; `/call/slow` the same after `slow`; anything else
 /// `origin <path>`.
@@ -1014,20 +1033,9 @@ fn an_in_request_call_to_a_down_upstream_answers_502() {
     let mut up = call_origin(Duration::ZERO);
     let dir = ScratchDir::new().expect("scratch dir");
     let nginx = start_call_filter(&up, &dir);
-    let workers = nginx.worker_pids().to_vec();
     up.stop();
-    for _ in 0..2 {
-        let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
-        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
-        assert_eq!(r.header("x-call-status"), Some("502"));
-        assert_eq!(r.text(), "", "no body with nginx's own status");
-    }
-    assert_eq!(nginx.running_workers(), workers);
-    assert!(
-        nginx.error_log().contains("connect() failed"),
-        "nginx logged the failed connect"
-    );
-    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+    // nginx's own status, without a body.
+    assert_failed_call(&nginx, "502", "connect() failed");
 }
 
 /// A call that takes longer than its timeout: the filter gets Envoy's 504 at the
@@ -1110,19 +1118,7 @@ fn an_in_request_call_answer_over_the_buffer_is_a_reset() {
     });
     let dir = ScratchDir::new().expect("scratch dir");
     let nginx = start_call_filter(&up, &dir);
-    let workers = nginx.worker_pids().to_vec();
-    for _ in 0..2 {
-        let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
-        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
-        assert_eq!(r.header("x-call-status"), Some("reset"));
-        assert_eq!(r.text(), "");
-    }
-    assert_eq!(nginx.running_workers(), workers);
-    assert!(
-        nginx.error_log().contains("is over 65536 bytes"),
-        "the module logged the refused answer"
-    );
-    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_failed_call(&nginx, "reset", "is over 65536 bytes");
 }
 
 /// An answer the upstream cuts short (it promised 1000 bytes, sent 10, closed): nginx
@@ -1142,12 +1138,7 @@ fn an_in_request_call_answer_cut_short_is_a_reset() {
     });
     let dir = ScratchDir::new().expect("scratch dir");
     let nginx = start_call_filter(&up, &dir);
-    let r = nginx.request("GET", "/main", &[("x-reply", "1")], b"");
-    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
-    assert_eq!(r.header("x-call-status"), Some("reset"));
-    assert_eq!(r.text(), "");
-    assert!(nginx.error_log().contains("was cut short"));
-    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_failed_call(&nginx, "reset", "was cut short");
 }
 
 /// Without `proxy_wasm_call_location`, a call made inside a request keeps the module's

@@ -172,15 +172,7 @@ pub fn encode_vary(generation: u32, key: &str, names: &[String]) -> Vec<u8> {
 
 /// Decodes a stored value.
 pub fn decode(buf: &[u8]) -> Result<EntryView<'_>, DecodeError> {
-    if buf.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    let mut r = Reader { buf, pos: 0 };
-    if r.take(4)? != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    let kind = r.take(4)?[0];
-    let generation = r.u32()?;
+    let (mut r, kind, generation) = Reader::prefix(buf)?;
     let key = r.str()?;
     match kind {
         KIND_RESPONSE => {
@@ -253,15 +245,7 @@ pub enum Peek<'a> {
 
 /// Reads the kind and, for a response, the secondary key.
 pub fn peek(buf: &[u8]) -> Result<Peek<'_>, DecodeError> {
-    if buf.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    let mut r = Reader { buf, pos: 0 };
-    if r.take(4)? != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    let kind = r.take(4)?[0];
-    r.u32()?;
+    let (mut r, kind, _) = Reader::prefix(buf)?;
     r.bytes()?;
     match kind {
         KIND_RESPONSE => {
@@ -281,15 +265,7 @@ const META_BYTES: usize = 2 + 2 + 8 + 4 + 4;
 
 /// Reads only the generation and key, for cheap verification.
 pub fn peek_key(buf: &[u8]) -> Result<(u32, &str), DecodeError> {
-    if buf.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    let mut r = Reader { buf, pos: 0 };
-    if r.take(4)? != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    r.take(4)?;
-    let generation = r.u32()?;
+    let (mut r, _, generation) = Reader::prefix(buf)?;
     Ok((generation, r.str()?))
 }
 
@@ -320,6 +296,20 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// Checks the magic and reads the kind and generation; the reader is then at the key.
+    fn prefix(buf: &'a [u8]) -> Result<(Reader<'a>, u8, u32), DecodeError> {
+        if buf.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let mut r = Reader { buf, pos: 0 };
+        if r.take(4)? != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let kind = r.take(4)?[0];
+        let generation = r.u32()?;
+        Ok((r, kind, generation))
+    }
+
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
