@@ -413,6 +413,9 @@ impl<S: SharedData> Store<S> {
                     .set(&self.slot_key(slot), &item.value, 0)
                     .is_err()
                 {
+                    // A full host store, say: the index must not keep records (and bytes)
+                    // for values that are not there.
+                    self.forget(&placed);
                     return Err(StoreError::Host);
                 }
             }
@@ -434,6 +437,38 @@ impl<S: SharedData> Store<S> {
             });
         }
         Err(StoreError::Contention)
+    }
+
+    /// Takes back the index records of an insert whose values could not all be written:
+    /// each slot that still holds the generation the insert gave it is freed. Best effort
+    /// (the index is only a hint then: reads check the key of what they find).
+    fn forget(&mut self, placed: &[(u32, u32)]) {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Some((bytes, cas)) = self.shared.get(&self.index_key) else {
+                return;
+            };
+            let Some(mut index) = Index::decode(&bytes) else {
+                return;
+            };
+            for &(slot, generation) in placed {
+                if index
+                    .record(slot)
+                    .is_some_and(|r| r.generation == generation)
+                {
+                    index.remove(slot);
+                    self.clear_slot(slot);
+                }
+            }
+            match self.shared.set(&self.index_key, &index.encode(), cas) {
+                Ok(()) => {
+                    self.map_cas = None;
+                    let _ = self.refresh();
+                    return;
+                }
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Host) => return,
+            }
+        }
     }
 
     /// Removes what is stored under `primary_hash` and every variant of it. Returns how many
@@ -521,9 +556,17 @@ pub struct MemoryShared {
 struct MemoryInner {
     map: std::collections::HashMap<String, (Vec<u8>, u32)>,
     counter: u32,
+    /// Non-empty writes to keys starting with this fail (a full host store).
+    refuse_prefix: Option<String>,
 }
 
 impl MemoryShared {
+    /// From now on, refuses non-empty writes to keys that start with `prefix`, as a host
+    /// whose store is full does (`None` accepts them again).
+    pub fn refuse_writes(&self, prefix: Option<&str>) {
+        self.inner.borrow_mut().refuse_prefix = prefix.map(str::to_string);
+    }
+
     /// Total bytes of all values, as the host would hold them.
     pub fn value_bytes(&self) -> usize {
         self.inner.borrow().map.values().map(|(v, _)| v.len()).sum()
@@ -542,6 +585,10 @@ impl SharedData for &MemoryShared {
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
         let mut inner = self.inner.borrow_mut();
+        let refused = inner.refuse_prefix.as_ref();
+        if !value.is_empty() && refused.is_some_and(|p| key.starts_with(p.as_str())) {
+            return Err(SetError::Host);
+        }
         if cas != 0 {
             if let Some((_, current)) = inner.map.get(key) {
                 if *current != cas {
@@ -620,6 +667,37 @@ mod tests {
         };
         assert_eq!(r.body.len(), 10);
         assert!(r.generation > 0, "the store stamps the generation");
+    }
+
+    #[test]
+    fn an_insert_whose_value_cannot_be_written_leaves_no_record() {
+        let mem = MemoryShared::default();
+        let mut s = Store::new(&mem, "t", limits(8, 10_000));
+        s.init().unwrap();
+        put(&mut s, "a", 10);
+        let before = s.usage();
+        mem.refuse_writes(Some("t/s/"));
+        let h = crate::cache::key::hash64(b"b");
+        let item = Insert {
+            hash: h,
+            primary: h,
+            kind: Kind::Response,
+            value: value("b", 100),
+        };
+        assert_eq!(s.insert(vec![item], true), Err(StoreError::Host));
+        assert_eq!(
+            s.usage(),
+            before,
+            "no bytes or entries for the unwritten value"
+        );
+        // Another worker reads the shared index: the record is gone there too.
+        let mut other = Store::new(&mem, "t", limits(8, 10_000));
+        other.refresh().unwrap();
+        assert_eq!(other.usage(), before);
+        assert!(!get(&mut other, "b") && get(&mut other, "a"));
+        mem.refuse_writes(None);
+        put(&mut s, "b", 100);
+        assert!(get(&mut other, "b"));
     }
 
     #[test]
