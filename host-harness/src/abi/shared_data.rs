@@ -39,10 +39,16 @@ struct Inner {
 }
 
 /// Shared data for any number of VMs, one map per `vm_id`.
-#[derive(Default)]
 pub struct SharedDataStore {
     mode: CasMode,
     inner: Mutex<Inner>,
+}
+
+impl Default for SharedDataStore {
+    /// An empty store with Envoy's CAS rules (tokens from 1: 0 means "no CAS").
+    fn default() -> SharedDataStore {
+        SharedDataStore::new(CasMode::default())
+    }
 }
 
 impl SharedDataStore {
@@ -192,6 +198,15 @@ pub fn add_to_linker<T: AbiView + SharedDataHost>(linker: &mut Linker<T>) -> was
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_default_store_never_hands_out_cas_zero() {
+        let s = SharedDataStore::default();
+        assert_eq!(s.mode(), CasMode::Envoy);
+        s.set("vm", "a", Some(b"1"), 0).unwrap();
+        // Token 0 would read as "write unconditionally" in the guest's next set.
+        assert_eq!(s.get("vm", "a").unwrap().1, 1);
+    }
 
     #[test]
     fn envoy_cas_is_global_and_zero_writes_unconditionally() {
