@@ -1805,7 +1805,8 @@ impl Vm {
         }
         let head = s.head;
         let mut headers: Headers = vec![(":status".into(), r.status.to_string())];
-        let extra = to_headers(&r.headers);
+        let filter_headers = to_headers(&r.headers.to_pairs());
+        let extra = filter_headers.clone();
         let has_ct = extra
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
@@ -1829,7 +1830,7 @@ impl Vm {
             status: r.status,
             details: r.details.replace(' ', "_"),
             body: r.body.clone(),
-            headers: to_headers(&r.headers),
+            headers: filter_headers,
         });
         s.req.stop = Stop::None;
         s.req.headers_live = false;

@@ -392,10 +392,10 @@ impl HeaderHost for HostState {
         Ok(())
     }
     fn map_value(&mut self, t: MapType, key: &[u8]) -> HostResult<Vec<u8>> {
-        let key = key.to_ascii_lowercase();
+        // Names in the maps are lower-case already.
         self.map(t)?
             .iter()
-            .find(|(k, _)| *k == key)
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
             .map(|(_, v)| v.clone())
             .ok_or(Status::NotFound)
     }

@@ -543,12 +543,12 @@ unsafe fn set_local_headers(r: *mut ngx_http_request_t, lr: &LocalResponse) -> b
     set_status(r, lr.status);
     let no_body = lr.status == 204 || lr.status == 304;
     let mut content_type = None;
-    for (k, v) in &lr.headers {
-        let key = k.to_ascii_lowercase();
-        match key.as_slice() {
-            b"content-type" => content_type = Some(v.clone()),
+    for (k, v) in lr.headers.iter() {
+        let is = |name: &[u8]| k.eq_ignore_ascii_case(name);
+        match () {
+            _ if is(b"content-type") => content_type = Some(v.to_vec()),
             // nginx computes these itself.
-            b"content-length" | b"transfer-encoding" | b"connection" => {}
+            _ if is(b"content-length") || is(b"transfer-encoding") || is(b"connection") => {}
             _ => {
                 let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) else {
                     continue;

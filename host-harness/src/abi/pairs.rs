@@ -29,36 +29,98 @@ pub fn encode<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
 /// over [`MAX_PAIRS_BYTES`] or [`MAX_PAIRS_COUNT`], or with trailing bytes gives `None`
 /// (the hosts then use an empty map).
 pub fn decode(buf: &[u8]) -> Option<Pairs> {
+    let n = check(buf)?;
+    let mut out = Vec::with_capacity(n);
+    out.extend(entries(buf, n).map(|(k, v)| (k.to_vec(), v.to_vec())));
+    Some(out)
+}
+
+/// Checks a serialised map (the rules of [`decode`]) and returns its entry count.
+fn check(buf: &[u8]) -> Option<usize> {
     if buf.len() > MAX_PAIRS_BYTES || buf.len() < 4 {
         return None;
     }
-    let word = |at: usize| -> Option<usize> {
-        let b = buf.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
-    let n = word(0)?;
+    let n = word(buf, 0)?;
     if n > MAX_PAIRS_COUNT || 4 + n * 8 > buf.len() {
         return None;
     }
     let mut pos = 4 + n * 8;
-    let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let (kl, vl) = (word(4 + i * 8)?, word(8 + i * 8)?);
-        let k = buf.get(pos..pos.checked_add(kl)?)?;
-        pos += kl;
-        if buf.get(pos) != Some(&0) {
-            return None;
+        let (kl, vl) = (word(buf, 4 + i * 8)?, word(buf, 8 + i * 8)?);
+        for len in [kl, vl] {
+            pos = pos.checked_add(len)?;
+            if buf.get(pos) != Some(&0) {
+                return None;
+            }
+            pos += 1;
         }
-        pos += 1;
-        let v = buf.get(pos..pos.checked_add(vl)?)?;
-        pos += vl;
-        if buf.get(pos) != Some(&0) {
-            return None;
-        }
-        pos += 1;
-        out.push((k.to_vec(), v.to_vec()));
     }
-    (pos == buf.len()).then_some(out)
+    (pos == buf.len()).then_some(n)
+}
+
+fn word(buf: &[u8], at: usize) -> Option<usize> {
+    let b = buf.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+}
+
+/// The `n` entries of a map [`check`] accepted.
+fn entries(buf: &[u8], n: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut pos = 4 + n * 8;
+    (0..n).map(move |i| {
+        // In bounds: `check` walked the same offsets.
+        let kl = word(buf, 4 + i * 8).unwrap_or(0);
+        let vl = word(buf, 8 + i * 8).unwrap_or(0);
+        let k = &buf[pos..pos + kl];
+        pos += kl + 1;
+        let v = &buf[pos..pos + vl];
+        pos += vl + 1;
+        (k, v)
+    })
+}
+
+/// A map kept in the wire format, checked once: reading it allocates nothing, where
+/// [`Pairs`] costs two allocations per entry (a local reply's headers, say, which the
+/// embedder only copies into its own structures).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PairsBuf {
+    raw: Vec<u8>,
+    len: usize,
+}
+
+impl PairsBuf {
+    /// Takes a serialised map; `None` where [`decode`] gives `None`.
+    pub fn from_wire(raw: Vec<u8>) -> Option<PairsBuf> {
+        let len = check(&raw)?;
+        Some(PairsBuf { raw, len })
+    }
+
+    /// Serialises `pairs`.
+    pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> PairsBuf {
+        PairsBuf {
+            raw: encode(pairs),
+            len: pairs.len(),
+        }
+    }
+
+    /// The entries, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        entries(&self.raw, self.len)
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The entries as owned pairs.
+    pub fn to_pairs(&self) -> Pairs {
+        self.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+    }
 }
 
 #[cfg(test)]
@@ -94,5 +156,25 @@ mod tests {
         assert!(decode(&(MAX_PAIRS_COUNT as u32 + 1).to_le_bytes()).is_none());
         assert!(decode(&u32::MAX.to_le_bytes()).is_none());
         assert_eq!(decode(&encode::<&str, &str>(&[])), Some(vec![]));
+        for bad in [&good[..good.len() - 1], &extra[..], &no_nul[..], &[][..]] {
+            assert_eq!(PairsBuf::from_wire(bad.to_vec()), None);
+        }
+    }
+
+    #[test]
+    fn a_pairs_buf_reads_what_decode_reads() {
+        let p = [
+            ("content-type", "text/plain"),
+            ("x-empty", ""),
+            ("etag", "\"v1\""),
+        ];
+        let enc = encode(&p);
+        let buf = PairsBuf::from_wire(enc.clone()).unwrap();
+        assert_eq!(buf.len(), 3);
+        assert_eq!(buf.to_pairs(), decode(&enc).unwrap());
+        let read: Vec<(&[u8], &[u8])> = buf.iter().collect();
+        assert_eq!(read[2], (&b"etag"[..], &b"\"v1\""[..]));
+        assert_eq!(PairsBuf::from_pairs(&p), buf);
+        assert!(PairsBuf::default().is_empty() && PairsBuf::default().iter().next().is_none());
     }
 }

@@ -3,7 +3,8 @@
 //! `proxy_clear_route_cache`.
 
 use super::limits::MAX_GUEST_BYTES;
-use super::{code, memory, pairs, AbiVersion, AbiView, HostResult, Pairs, Status, StreamType};
+use super::pairs::PairsBuf;
+use super::{code, memory, AbiVersion, AbiView, HostResult, Status, StreamType};
 use wasmtime::{Caller, Linker};
 
 /// A local response as the guest asked for it.
@@ -15,8 +16,8 @@ pub struct LocalResponse {
     pub details: String,
     /// Body.
     pub body: Vec<u8>,
-    /// Headers to add.
-    pub headers: Pairs,
+    /// Headers to add, as the guest sent them (checked; read without allocating).
+    pub headers: PairsBuf,
     /// gRPC status, or -1 for none.
     pub grpc_status: i32,
 }
@@ -61,7 +62,7 @@ pub fn add_to_linker<T: AbiView + StreamHost>(
                 let details = memory::read_string(&mut c, dp, ds, MAX_GUEST_BYTES)?;
                 let body = memory::read(&mut c, bp, bs, MAX_GUEST_BYTES)?;
                 let raw = memory::read(&mut c, hp, hs, MAX_GUEST_BYTES)?;
-                let headers = pairs::decode(&raw).unwrap_or_default();
+                let headers = PairsBuf::from_wire(raw).unwrap_or_default();
                 c.data_mut().send_local_response(LocalResponse {
                     status: status as u32,
                     details,
