@@ -3,7 +3,10 @@
 # file directly, in one nginx (one worker, pinned to CPU 0) with wrk pinned to CPU 1, 1 KiB
 # bodies, on loopback. Prints a markdown table (req/s, p50, p99) and the worker's RSS.
 #
-#   ./nginx/bench.sh [DURATION_S] [CONNECTIONS]
+#   ./nginx/bench.sh [DURATION_S] [CONNECTIONS] [PAIRS]
+#
+# With PAIRS, it then loads edge-filter and proxy_cache alternately PAIRS times each and
+# prints the medians: on a noisy VM, interleaved runs compare the two better than one each.
 #
 # Needs the module and edge_filter.wasm built (see README.md); installs wrk if missing.
 set -euo pipefail
@@ -11,6 +14,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 duration="${1:-10}"
 conns="${2:-32}"
+pairs="${3:-0}"
 module="${NGX_PROXY_WASM_MODULE:-$here/target/release/libngx_proxy_wasm.so}"
 wasm="${EDGE_FILTER_WASM:-$root/target/wasm32-wasip1/release/edge_filter.wasm}"
 # The harness's no-op Proxy-Wasm filter (Rust SDK): the module's own cost per request.
@@ -117,7 +121,7 @@ run() { # name port [path]
     printf '| %s | %s | %s | %s |%s\n' "$1" "$rps" "$p50" "$p99" "${errs:+ $errs}"
 }
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), nginx $(/usr/sbin/nginx -v 2>&1 | cut -d/ -f2)"
-echo "command: ./nginx/bench.sh $duration $conns  (wrk -t1 -c$conns -d${duration}s --latency, 1 KiB body)"
+echo "command: ./nginx/bench.sh $duration $conns $pairs  (wrk -t1 -c$conns -d${duration}s --latency, 1 KiB body)"
 echo
 echo "| server (1 worker, CPU 0) | req/s | p50 | p99 |"
 echo "|---|---|---|---|"
@@ -126,6 +130,19 @@ run "nginx proxy_cache hit" "$p_cache"
 run "nginx static file" "$p_file"
 run "nginx \`return 200\` (no filter)" "$p_return" /return
 run "nginx \`return 200\` + no-op Proxy-Wasm filter" "$p_return" /noop
+if [ "$pairs" -gt 0 ]; then
+    rps() { taskset -c 1 wrk -t1 -c"$conns" -d"${duration}s" "http://127.0.0.1:$1/obj" | awk '/^Requests\/sec/ {print $2}'; }
+    f=(); c=()
+    for _ in $(seq 1 "$pairs"); do f+=("$(rps "$p_filter")"); c+=("$(rps "$p_cache")"); done
+    echo
+    python3 - "${f[*]}" "${c[*]}" <<'PY'
+import statistics, sys
+f, c = ([float(x) for x in a.split()] for a in sys.argv[1:3])
+ahead = sum(x > y for x, y in zip(f, c))
+print(f"{len(f)} interleaved pairs: edge-filter median {statistics.median(f):,.0f} req/s, "
+      f"proxy_cache median {statistics.median(c):,.0f} req/s; edge-filter ahead in {ahead} of {len(f)}")
+PY
+fi
 worker="$(pgrep -P "$pid" | head -1)"
 echo
 echo "worker RSS after the run: $(ps -o rss= -p "$worker" | tr -d ' ') KiB (master $(ps -o rss= -p "$pid" | tr -d ' ') KiB)"
