@@ -117,8 +117,19 @@ thread_local! {
 
 impl Drop for RequestCtx {
     fn drop(&mut self) {
-        PAUSED.with(|p| p.borrow_mut().retain(|_, r| *r != self.r));
-        CALLERS.with(|p| p.borrow_mut().retain(|_, r| *r != self.r));
+        // By this request's stream keys: a scan of the maps would cost every request
+        // ending time in proportion to all requests held or calling in the worker.
+        for s in &self.streams {
+            let key = (s.filter.id, s.gen, s.id);
+            for map in [&PAUSED, &CALLERS] {
+                map.with(|m| {
+                    let mut m = m.borrow_mut();
+                    if m.get(&key) == Some(&self.r) {
+                        m.remove(&key);
+                    }
+                });
+            }
+        }
         if let Some(kick) = self.kick.as_mut() {
             if kick.posted() != 0 {
                 // SAFETY: posted by `start_subrequest`; its memory goes with this context.
