@@ -103,6 +103,10 @@ pub(crate) struct RequestCtx {
     /// Posted after subrequests are made, to run them (nginx runs posted subrequests
     /// only after the events of the request's own connection).
     kick: Option<Box<ngx_event_t>>,
+    /// Upstream body bytes still to come by the response's Content-Length.
+    body_left: Option<u64>,
+    /// The streams have seen the body's end: later buffers pass untouched.
+    body_ended: bool,
 }
 
 thread_local! {
@@ -441,6 +445,8 @@ unsafe fn new_ctx<'a>(r: *mut ngx_http_request_t, lc: &LocConf) -> Option<&'a mu
         phase: Phase::Running,
         replacement: None,
         replacement_sent: false,
+        body_left: None,
+        body_ended: false,
         call_location: lc.call_location.clone().map(String::into_bytes),
         kick: None,
     });
@@ -621,6 +627,11 @@ unsafe fn response_headers(r: *mut ngx_http_request_t) -> Result<(), ngx_int_t> 
         return Ok(());
     };
     let eos = (*r).header_only() != 0;
+    ctx.body_left = if eos {
+        None
+    } else {
+        u64::try_from((*r).headers_out.content_length_n).ok()
+    };
     let mut local = None;
     for i in 0..ctx.streams.len() {
         if ctx.streams[i].failed {
@@ -887,6 +898,10 @@ unsafe fn response_body(
     let mut out = Vec::new();
     let mut touched = false;
     for b in bufs(input) {
+        if ctx.body_ended {
+            out.push(b);
+            continue;
+        }
         let eos = (*b).last_buf() != 0;
         let pieces = link_pieces(b)?;
         if pieces.is_empty() && !eos {
@@ -902,10 +917,26 @@ unsafe fn response_body(
             .take(n)
             .enumerate()
         {
-            // Only the link's last piece carries its end of stream.
+            if ctx.body_ended {
+                outs.push(piece);
+                continue;
+            }
+            // The end of stream is the link's last piece, or the piece that completes the
+            // Content-Length (RFC 9112 §6.3): nginx sends the end as an empty buffer after
+            // it, when the client may already have every byte; a filter that stores the
+            // response must have done so by then.
+            let completes = match ctx.body_left.as_mut() {
+                Some(left) if !piece.is_empty() => {
+                    *left = left.saturating_sub(piece.len() as u64);
+                    *left == 0
+                }
+                _ => false,
+            };
+            let end = (eos && k + 1 == n) || completes;
+            ctx.body_ended = end;
             // A link of one piece that stays the same is passed on as it is: no copy.
             let copy = (n > 1).then(|| piece.clone());
-            let o = body_chunk(ctx, piece, eos && k + 1 == n)?;
+            let o = body_chunk(ctx, piece, end)?;
             same &= matches!(o, Out::Same);
             outs.push(match o {
                 Out::Same => copy.unwrap_or_default(),

@@ -433,6 +433,84 @@ fn a_filter_rewrites_status_headers_and_a_buffered_body() {
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A filter that logs, at info level, how each response body ends for it: `body end with
+/// data` when `end_of_stream` comes with bytes, `body end empty` when it comes alone.
+const BODY_END_FILTER_WAT: &str = r#"
+(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "body end with data")
+  (data (i32.const 48) "body end empty")
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32)
+    (result i32)
+    (if (local.get $eos)
+      (then (if (local.get $size)
+        (then (drop (call $log (i32.const 2) (i32.const 16) (i32.const 18))))
+        (else (drop (call $log (i32.const 2) (i32.const 48) (i32.const 14)))))))
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_abi_version_0_2_1")))
+"#;
+
+/// A body with a Content-Length ends, for the filter, with its last bytes: nginx sends
+/// the end as an empty buffer afterwards, when the client may already have read the whole
+/// response, and a cache that stored only then would miss the client's next request. A
+/// chunked body still ends exactly once.
+#[test]
+fn a_content_length_body_ends_with_its_last_bytes() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = Upstream::origin(|req| {
+        let body = vec![b'b'; 5000];
+        match req.path.as_str() {
+            "/length" => Reply::new(200).body(body),
+            "/chunked" => {
+                Reply::new(200)
+                    .body(body)
+                    .mode(edge_filter_e2e::upstream::BodyMode::Chunked {
+                        sizes: vec![2000, 2000],
+                        pause: Duration::from_millis(10),
+                    })
+            }
+            _ => Reply::new(404),
+        }
+    });
+    let dir = ScratchDir::new().expect("scratch dir");
+    let wasm = dir.0.join("body-end-filter.wasm");
+    write_atomically(
+        &wasm,
+        &wat::parse_str(BODY_END_FILTER_WAT).expect("the test filter's WAT"),
+    );
+    let nginx = start(&up, &NginxConf::new(1, "{}").wasm(&wasm));
+    let ends = |log: &str| {
+        (
+            log.matches("body end with data").count(),
+            log.matches("body end empty").count(),
+        )
+    };
+    let r = nginx.get("/length");
+    assert_eq!(r.body.len(), 5000);
+    assert_eq!(
+        ends(&nginx.error_log()),
+        (1, 0),
+        "one end, with the last bytes"
+    );
+    let r = nginx.get("/chunked");
+    assert_eq!(r.body.len(), 5000);
+    let (with_data, empty) = ends(&nginx.error_log());
+    assert_eq!(with_data + empty, 2, "the chunked body ended once");
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// What the load clients saw.
 #[derive(Default, Debug)]
 struct LoadStats {
