@@ -15,8 +15,52 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// An ordered header list that keeps duplicates; name lookups ignore ASCII case.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, String)>);
+///
+/// Names and values are bytes, as on the wire (obs-text 0x80-0xff goes out and comes back
+/// unchanged); the `&str` accessors give a lossy UTF-8 view for the many plain-ASCII checks.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<Field>);
+
+/// One header line: the wire bytes, and their lossy text for the `&str` accessors.
+#[derive(Clone, PartialEq, Eq)]
+struct Field {
+    name: Vec<u8>,
+    value: Vec<u8>,
+    name_text: String,
+    value_text: String,
+}
+
+impl Field {
+    fn new(name: Vec<u8>, value: Vec<u8>) -> Field {
+        Field {
+            name_text: String::from_utf8_lossy(&name).into_owned(),
+            value_text: String::from_utf8_lossy(&value).into_owned(),
+            name,
+            value,
+        }
+    }
+
+    fn is(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Headers {
+    // Escaped bytes, so a failure message shows exactly what was on the wire.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[")?;
+        for (i, h) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{sep}\"{}: {}\"",
+                h.name.escape_ascii(),
+                h.value.escape_ascii()
+            )?;
+        }
+        f.write_str("]")
+    }
+}
 
 impl Headers {
     /// An empty header list.
@@ -26,32 +70,65 @@ impl Headers {
 
     /// Appends a header, keeping any earlier one of the same name.
     pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.0.push((name.into(), value.into()));
+        self.push_bytes(name.into(), value.into());
     }
 
-    /// The first value of `name`, if any.
+    /// Appends a header given as raw bytes (any byte but CR and LF is sent as is).
+    pub fn push_bytes(&mut self, name: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.0.push(Field::new(name.into(), value.into()));
+    }
+
+    /// The first value of `name`, if any, as lossy UTF-8 text.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        self.0
+            .iter()
+            .find(|h| h.is(name))
+            .map(|h| h.value_text.as_str())
     }
 
-    /// Every value of `name`, in the order they were received.
+    /// The first value of `name`, if any, byte for byte.
+    pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|h| h.is(name))
+            .map(|h| h.value.as_slice())
+    }
+
+    /// Every value of `name`, in the order they were received (lossy text).
     pub fn get_all(&self, name: &str) -> Vec<&str> {
-        self.iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        self.0
+            .iter()
+            .filter(|h| h.is(name))
+            .map(|h| h.value_text.as_str())
+            .collect()
+    }
+
+    /// Every value of `name`, in the order they were received, byte for byte.
+    pub fn get_all_bytes(&self, name: &str) -> Vec<&[u8]> {
+        self.0
+            .iter()
+            .filter(|h| h.is(name))
+            .map(|h| h.value.as_slice())
             .collect()
     }
 
     /// Whether at least one header is called `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.get(name).is_some()
+        self.0.iter().any(|h| h.is(name))
     }
 
-    /// All headers as `(name, value)` pairs, in order.
+    /// All headers as `(name, value)` pairs, in order (lossy text).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        self.0
+            .iter()
+            .map(|h| (h.name_text.as_str(), h.value_text.as_str()))
+    }
+
+    /// All headers as `(name, value)` byte pairs, in order.
+    pub fn iter_bytes(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.0
+            .iter()
+            .map(|h| (h.name.as_slice(), h.value.as_slice()))
     }
 
     /// Number of header lines.
@@ -67,11 +144,11 @@ impl Headers {
 
 impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
-        Headers(
-            iter.into_iter()
-                .map(|(n, v)| (n.into(), v.into()))
-                .collect(),
-        )
+        let mut h = Headers::new();
+        for (n, v) in iter {
+            h.push(n, v);
+        }
+        h
     }
 }
 
@@ -119,9 +196,9 @@ fn eof(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, msg.into())
 }
 
-/// Reads one CRLF- (or LF-) terminated line, without the terminator.
+/// Reads one CRLF- (or LF-) terminated line, without the terminator, as bytes.
 /// Returns `None` on a clean end of stream before any byte of the line.
-fn read_line(r: &mut impl BufRead, budget: &mut usize) -> io::Result<Option<String>> {
+fn read_line(r: &mut impl BufRead, budget: &mut usize) -> io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     let n = r
         .by_ref()
@@ -141,15 +218,29 @@ fn read_line(r: &mut impl BufRead, budget: &mut usize) -> io::Result<Option<Stri
     if line.last() == Some(&b'\r') {
         line.pop();
     }
-    String::from_utf8(line)
-        .map(Some)
-        .map_err(|_| invalid("non-UTF-8 bytes in HTTP head"))
+    Ok(Some(line))
 }
 
-/// Reads a message head: the start line and the headers.
+/// `bytes` without leading and trailing spaces and tabs (RFC 9110 §5.5 OWS).
+fn trim_ows(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
+/// Reads a message head: the start line (as lossy text) and the headers.
 /// Returns `None` when the peer closed the connection before sending anything
 /// (the normal end of a keep-alive connection).
 pub fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Headers)>> {
+    Ok(read_head_bytes(r)?.map(|(start, h)| (String::from_utf8_lossy(&start).into_owned(), h)))
+}
+
+/// Like [`read_head`], with the start line byte for byte.
+pub fn read_head_bytes(r: &mut impl BufRead) -> io::Result<Option<(Vec<u8>, Headers)>> {
     let mut budget = MAX_HEAD_BYTES;
     let start = match read_line(r, &mut budget)? {
         None => return Ok(None),
@@ -162,10 +253,14 @@ pub fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Headers)>> 
         if line.is_empty() {
             return Ok(Some((start, headers)));
         }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| invalid(format!("malformed header line {line:?}")))?;
-        headers.push(name.trim(), value.trim());
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or_else(|| invalid(format!("malformed header line \"{}\"", line.escape_ascii())))?;
+        headers.push_bytes(
+            trim_ows(&line[..colon]).to_vec(),
+            trim_ows(&line[colon + 1..]).to_vec(),
+        );
     }
 }
 
@@ -211,6 +306,7 @@ pub fn read_body(r: &mut impl BufRead, framing: Framing) -> io::Result<Vec<u8>> 
                 let line = read_line(r, &mut budget)?.ok_or_else(|| {
                     eof(format!("chunked body cut short after {} bytes", body.len()))
                 })?;
+                let line = String::from_utf8_lossy(&line);
                 let size_hex = line.split(';').next().unwrap_or("").trim();
                 let size = usize::from_str_radix(size_hex, 16)
                     .map_err(|_| invalid(format!("bad chunk size line {line:?}")))?;
@@ -257,17 +353,12 @@ pub fn send(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> io::Result<Response> {
-    let stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_nodelay(true)?;
-
-    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    let mut req = RawRequest::new(method, path);
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        head.push_str("Host: edge.test\r\n");
+        req = req.header("Host", "edge.test");
     }
     for (n, v) in headers {
-        head.push_str(&format!("{n}: {v}\r\n"));
+        req = req.header(n, v);
     }
     let needs_length = !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH");
     if needs_length
@@ -275,13 +366,88 @@ pub fn send(
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
     {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        req = req.header("Content-Length", body.len().to_string());
     }
-    head.push_str("Connection: close\r\n\r\n");
+    exchange(addr, &req.body(body).to_bytes(), method)
+}
+
+/// A request put together byte by byte, for what a well-behaved client would refuse to
+/// send: obs-text in values, odd targets, odd or missing `Host`. Nothing is added but
+/// `Connection: close` at the end of the head.
+#[derive(Clone, Debug, Default)]
+pub struct RawRequest {
+    /// The method token.
+    pub method: Vec<u8>,
+    /// The request target, as sent.
+    pub target: Vec<u8>,
+    /// Header lines, in order.
+    pub headers: Headers,
+    /// The body, sent after the head (add a `Content-Length` yourself).
+    pub body: Vec<u8>,
+}
+
+impl RawRequest {
+    /// `METHOD target HTTP/1.1` with no headers at all (not even `Host`).
+    pub fn new(method: impl AsRef<[u8]>, target: impl AsRef<[u8]>) -> RawRequest {
+        RawRequest {
+            method: method.as_ref().to_vec(),
+            target: target.as_ref().to_vec(),
+            ..RawRequest::default()
+        }
+    }
+
+    /// Appends a header line `name: value`, bytes as given.
+    pub fn header(mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> RawRequest {
+        self.headers
+            .push_bytes(name.as_ref().to_vec(), value.as_ref().to_vec());
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl AsRef<[u8]>) -> RawRequest {
+        self.body = body.as_ref().to_vec();
+        self
+    }
+
+    /// The method as lossy text.
+    pub fn method_text(&self) -> String {
+        String::from_utf8_lossy(&self.method).into_owned()
+    }
+
+    /// The bytes on the wire, ending the head with `Connection: close`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.body.len());
+        out.extend_from_slice(&self.method);
+        out.push(b' ');
+        out.extend_from_slice(&self.target);
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (n, v) in self.headers.iter_bytes() {
+            out.extend_from_slice(n);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"Connection: close\r\n\r\n");
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Sends it on a new connection and reads the whole response.
+    pub fn send(&self, addr: SocketAddr) -> io::Result<Response> {
+        exchange(addr, &self.to_bytes(), &self.method_text())
+    }
+}
+
+/// Writes `request` verbatim on a new connection and reads one response to it (after any
+/// 1xx), framed as a response to `method` (a HEAD response has no body).
+pub fn exchange(addr: SocketAddr, request: &[u8], method: &str) -> io::Result<Response> {
+    let stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_nodelay(true)?;
 
     let mut writer = stream.try_clone()?;
-    writer.write_all(head.as_bytes())?;
-    writer.write_all(body)?;
+    writer.write_all(request)?;
     writer.flush()?;
 
     let mut reader = BufReader::new(stream);
@@ -492,6 +658,24 @@ mod tests {
         let mut rest = String::new();
         r.read_to_string(&mut rest).unwrap();
         assert_eq!(rest, "rest");
+    }
+
+    #[test]
+    fn obs_text_is_kept_byte_for_byte() {
+        let mut r = reader(b"HTTP/1.1 200 OK\r\nX-A: \t\"r\xe9sum\xe9\" \r\nX-\xff: v\r\n\r\n");
+        let (start, h) = read_head_bytes(&mut r).unwrap().unwrap();
+        assert_eq!(start, b"HTTP/1.1 200 OK");
+        assert_eq!(h.get_bytes("x-a"), Some(&b"\"r\xe9sum\xe9\""[..]));
+        assert_eq!(h.get("x-a"), Some("\"r\u{fffd}sum\u{fffd}\""));
+        assert_eq!(h.iter_bytes().nth(1), Some((&b"X-\xff"[..], &b"v"[..])));
+        assert!(format!("{h:?}").contains("r\\xe9sum"));
+        let req = RawRequest::new("GET", b"/\x80")
+            .header("If-None-Match", b"\"\xfc\"")
+            .to_bytes();
+        assert_eq!(
+            req,
+            b"GET /\x80 HTTP/1.1\r\nIf-None-Match: \"\xfc\"\r\nConnection: close\r\n\r\n"
+        );
     }
 
     #[test]

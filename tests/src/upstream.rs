@@ -24,8 +24,10 @@ const ACCEPT_POLL: Duration = Duration::from_millis(5);
 pub struct RecordedRequest {
     /// Request method, e.g. `GET`.
     pub method: String,
-    /// Request target as sent (path and query).
+    /// Request target as sent (path and query), as lossy text.
     pub path: String,
+    /// Request target byte for byte.
+    pub target: Vec<u8>,
     /// Request headers.
     pub headers: Headers,
     /// Request body (de-chunked).
@@ -97,6 +99,23 @@ impl Reply {
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push(name, value);
         self
+    }
+
+    /// Adds a header whose value goes on the wire byte for byte (obs-text, junk).
+    pub fn header_bytes(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.headers.push_bytes(name, value.as_ref());
+        self
+    }
+
+    /// Adds `X-Echo-Target` (the request target as received) and, when the request had
+    /// one, `X-Echo-Host` (its first `Host`), both byte for byte: a cached copy of this
+    /// reply tells which forwarded request produced it.
+    pub fn echoing(self, req: &RecordedRequest) -> Self {
+        let r = self.header_bytes("X-Echo-Target", &req.target);
+        match req.headers.get_bytes("host") {
+            Some(host) => r.header_bytes("X-Echo-Host", host),
+            None => r,
+        }
     }
 
     /// Sets the body.
@@ -280,13 +299,16 @@ fn handle_requests(shared: &Shared, stream: TcpStream) -> io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
     loop {
-        let Some((start, headers)) = http::read_head(&mut reader)? else {
+        let Some((start, headers)) = http::read_head_bytes(&mut reader)? else {
             return Ok(()); // the client closed the keep-alive connection
         };
-        let mut parts = start.split(' ');
-        let (method, path) = match (parts.next(), parts.next()) {
-            (Some(m), Some(p)) => (m.to_string(), p.to_string()),
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, start)),
+        let mut parts = start.split(|&b| b == b' ');
+        let (method, target) = match (parts.next(), parts.next()) {
+            (Some(m), Some(t)) => (String::from_utf8_lossy(m).into_owned(), t.to_vec()),
+            _ => {
+                let start = String::from_utf8_lossy(&start).into_owned();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, start));
+            }
         };
         let body = http::read_body(&mut reader, http::framing(&headers, Framing::Empty)?)?;
         let close = headers
@@ -294,7 +316,8 @@ fn handle_requests(shared: &Shared, stream: TcpStream) -> io::Result<()> {
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let request = RecordedRequest {
             method,
-            path,
+            path: String::from_utf8_lossy(&target).into_owned(),
+            target,
             headers,
             body,
         };
@@ -310,21 +333,24 @@ fn handle_requests(shared: &Shared, stream: TcpStream) -> io::Result<()> {
 
 /// Writes `reply`; returns whether the connection may be reused.
 fn write_reply(w: &mut BufWriter<TcpStream>, method: &str, reply: &Reply) -> io::Result<bool> {
-    let mut head = format!("HTTP/1.1 {} {}\r\n", reply.status, reason(reply.status));
-    for (n, v) in reply.headers.iter() {
-        head.push_str(&format!("{n}: {v}\r\n"));
+    let mut head = format!("HTTP/1.1 {} {}\r\n", reply.status, reason(reply.status)).into_bytes();
+    for (n, v) in reply.headers.iter_bytes() {
+        head.extend_from_slice(n);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(v);
+        head.extend_from_slice(b"\r\n");
     }
     let no_body = http::response_has_no_body(method, reply.status);
     match &reply.mode {
         BodyMode::ContentLength | BodyMode::TruncatedLength { .. } => {
-            head.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
+            head.extend_from_slice(format!("Content-Length: {}\r\n", reply.body.len()).as_bytes());
         }
         BodyMode::Chunked { .. } | BodyMode::TruncatedChunked { .. } => {
-            head.push_str("Transfer-Encoding: chunked\r\n");
+            head.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
         }
     }
-    head.push_str("\r\n");
-    w.write_all(head.as_bytes())?;
+    head.extend_from_slice(b"\r\n");
+    w.write_all(&head)?;
     if no_body {
         w.flush()?;
         return Ok(true);
@@ -428,6 +454,32 @@ mod tests {
         assert_eq!(seen[0].headers.get("x-t"), Some("v"));
         assert_eq!(up.count("/p?q=1"), 1);
         assert_eq!(up.count("/p"), 0);
+    }
+
+    #[test]
+    fn raw_bytes_round_trip_and_echo() {
+        let up = Upstream::start(|req| {
+            Reply::text("e")
+                .header_bytes(
+                    "Content-Disposition",
+                    b"attachment; filename=\"r\xe9sum\xe9.pdf\"",
+                )
+                .echoing(req)
+        });
+        let r = http::RawRequest::new("GET", "/a%2Fb")
+            .header("Host", b"h\xff:80")
+            .header("User-Agent", b"\xff\xfe")
+            .send(addr(&up))
+            .unwrap();
+        assert_eq!(
+            r.headers.get_bytes("content-disposition"),
+            Some(&b"attachment; filename=\"r\xe9sum\xe9.pdf\""[..])
+        );
+        assert_eq!(r.headers.get_bytes("x-echo-target"), Some(&b"/a%2Fb"[..]));
+        assert_eq!(r.headers.get_bytes("x-echo-host"), Some(&b"h\xff:80"[..]));
+        let seen = &up.requests()[0];
+        assert_eq!(seen.target, b"/a%2Fb");
+        assert_eq!(seen.headers.get_bytes("user-agent"), Some(&b"\xff\xfe"[..]));
     }
 
     #[test]
