@@ -289,6 +289,16 @@ impl Launch {
         plugin_config: &str,
         vm_env: &[(&str, &str)],
     ) -> Result<Launch, String> {
+        Self::spawn_edited(upstream_port, plugin_config, vm_env, &|c| Ok(c.to_string()))
+    }
+
+    /// [`Launch::spawn_with`], with `edit` applied to the rendered config last.
+    fn spawn_edited(
+        upstream_port: u16,
+        plugin_config: &str,
+        vm_env: &[(&str, &str)],
+        edit: &dyn Fn(&str) -> Result<String, String>,
+    ) -> Result<Launch, String> {
         let bin = envoy_bin()?;
         let wasm = wasm_path()?;
         let wasm = wasm
@@ -308,7 +318,7 @@ impl Launch {
                 stats_flush_interval: TEST_FLUSH_INTERVAL,
             },
         )?;
-        let config = render_vm_env(&config, vm_env)?;
+        let config = edit(&render_vm_env(&config, vm_env)?)?;
         let dir = ScratchDir::new().map_err(|e| format!("creating a temp dir: {e}"))?;
         let config_path = dir.0.join("envoy.yaml");
         fs::write(&config_path, config).map_err(|e| format!("writing config: {e}"))?;
@@ -460,7 +470,27 @@ impl Envoy {
         plugin_config: &str,
         vm_env: &[(&str, &str)],
     ) -> Result<Envoy, String> {
-        let mut launch = Launch::spawn_with(upstream_port, plugin_config, vm_env)?;
+        Self::launch(Launch::spawn_with(upstream_port, plugin_config, vm_env)?)
+    }
+
+    /// Like [`Envoy::try_start`], with `edit` applied to the rendered shipped config before
+    /// Envoy reads it (another .wasm, a second filter): tests of Envoy's own behaviour
+    /// around the filter that still run the shipped settings.
+    pub fn try_start_edited(
+        upstream_port: u16,
+        plugin_config: &str,
+        edit: &dyn Fn(&str) -> Result<String, String>,
+    ) -> Result<Envoy, String> {
+        Self::launch(Launch::spawn_edited(
+            upstream_port,
+            plugin_config,
+            &[],
+            edit,
+        )?)
+    }
+
+    /// Waits for a spawned Envoy to be ready and finds its listener.
+    fn launch(mut launch: Launch) -> Result<Envoy, String> {
         let admin = match launch.wait_ready(START_TIMEOUT) {
             Readiness::Ready(admin) => admin,
             Readiness::Exited(status) => {
@@ -669,7 +699,7 @@ mod tests {
         let y = shipped();
         for needle in [
             "envoy.filters.http.wasm",
-            "failure_policy: FAIL_OPEN",
+            "failure_policy: FAIL_RELOAD",
             "vm_id: edge-filter",
             "runtime: envoy.wasm.runtime.v8",
             "type.googleapis.com/google.protobuf.StringValue",
