@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod envoy;
+pub mod hostile;
 pub mod http;
 pub mod nginx;
 pub mod prometheus;

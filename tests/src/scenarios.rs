@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::envoy::{self, repo_root, Envoy};
+use crate::hostile;
 use crate::http::{self, Response};
 use crate::nginx::{self, Nginx, NginxConf};
 use crate::prometheus::Exposition;
@@ -42,6 +43,10 @@ pub trait Proxy {
 
     /// Ok unless the proxy logged a problem (a crash, a trap, a critical error).
     fn check_logs(&self) -> Result<(), String>;
+
+    /// Every log line [`Proxy::check_logs`] objects to, in order (the log only grows, so
+    /// a later call's extra lines are what happened in between).
+    fn problem_lines(&self) -> Vec<String>;
 
     /// The proxy's logs worth showing when a scenario failed.
     fn diagnostics(&self) -> String;
@@ -112,18 +117,21 @@ impl Proxy for Envoy {
         Envoy::access_log(self)
     }
     fn check_logs(&self) -> Result<(), String> {
-        let log = self.log();
-        let bad: Vec<&str> = log
-            .lines()
-            .filter(|l| {
-                l.contains("][critical][") || l.contains("Uncaught") || l.contains("panicked at")
-            })
-            .collect();
+        let bad = self.problem_lines();
         if bad.is_empty() {
             Ok(())
         } else {
             Err(format!("envoy logged problems:\n{}", bad.join("\n")))
         }
+    }
+    fn problem_lines(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| {
+                l.contains("][critical][") || l.contains("Uncaught") || l.contains("panicked at")
+            })
+            .map(str::to_string)
+            .collect()
     }
     fn diagnostics(&self) -> String {
         let log = self.log();
@@ -155,6 +163,12 @@ impl Proxy for Nginx {
     }
     fn check_logs(&self) -> Result<(), String> {
         Nginx::check_logs(self, &[])
+    }
+    fn problem_lines(&self) -> Vec<String> {
+        nginx::unexpected_problems(&self.logs(), &[])
+            .into_iter()
+            .map(str::to_string)
+            .collect()
     }
     fn diagnostics(&self) -> String {
         let logs = self.logs();
@@ -358,6 +372,23 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "metrics_requests_by_cache_result",
         run: metrics_requests_by_cache_result,
     },
+    // Hostile input (crate::hostile): the shipped JSON plus purge, one proxy for all four.
+    Scenario {
+        name: "hostile_obs_text_request_headers",
+        run: hostile::obs_text_request_headers,
+    },
+    Scenario {
+        name: "hostile_obs_text_response_headers",
+        run: hostile::obs_text_response_headers,
+    },
+    Scenario {
+        name: "hostile_poisoning",
+        run: hostile::poisoning,
+    },
+    Scenario {
+        name: "hostile_filter_conditional_never_leaks",
+        run: hostile::filter_conditional_never_leaks,
+    },
     Scenario {
         name: "readyz_follows_upstream",
         run: readyz_follows_upstream,
@@ -531,7 +562,7 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             .header("ETag", "\"rv1\"")
             .header("Cache-Control", "max-age=1")
             .header("X-Version", "1"),
-        _ => Reply::new(404),
+        _ => hostile::origin_reply(req).unwrap_or_else(|| Reply::new(404)),
     }
 }
 
