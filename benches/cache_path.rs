@@ -13,7 +13,7 @@ use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Policy, Stor
 
 const SIZES: [(usize, &str); 2] = [(1024, "1KiB"), (100 * 1024, "100KiB")];
 
-fn response_headers() -> Vec<(String, String)> {
+fn response_headers() -> Vec<(Vec<u8>, Vec<u8>)> {
     [
         ("content-type", "text/html; charset=utf-8"),
         (
@@ -27,7 +27,7 @@ fn response_headers() -> Vec<(String, String)> {
         ("x-request-id", "0d3c6a1e-7f55-4c4e-9d1c-2f0b6c1d9a10"),
     ]
     .iter()
-    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
     .collect()
 }
 
@@ -104,7 +104,7 @@ fn lookup_and_decode(c: &mut Criterion) {
         let h = key.hash64();
         // Fill the index so lookups run against a realistic map.
         for i in 0..1000 {
-            let k = CacheKey::new("https", "www.example.com", &format!("/o/{i}")).expect("key");
+            let k = CacheKey::new("https", "www.example.com", format!("/o/{i}")).expect("key");
             let v = entry::encode_response(0, k.as_str(), "", &ResponseMeta::default(), &[], b"o");
             let kh = k.hash64();
             store
@@ -212,7 +212,7 @@ fn new_paths(c: &mut Criterion) {
             let Ok(EntryView::Response(r)) = entry::decode(black_box(&value)) else {
                 return None;
             };
-            let cc = CacheControl::parse(policy::header_values(&r.headers, "cache-control"));
+            let cc = CacheControl::parse(edge_filter::field::values(&r.headers, "cache-control"));
             // One hour and 30 s old: inside the 60 s stale-while-revalidate window.
             policy::stale_allowed(
                 &r.meta,

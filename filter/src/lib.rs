@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod field;
 pub mod health;
 pub mod metrics;
 

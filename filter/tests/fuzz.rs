@@ -14,6 +14,7 @@ use edge_filter::cache::policy::{self, RequestPolicy, StoreContext};
 use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Policy, SharedData, Store};
 use edge_filter::cache::vary::{self, Vary};
 use edge_filter::config::Config;
+use edge_filter::field::{self, values};
 use proptest::prelude::*;
 
 /// Header-ish text: the characters that make parsers work hardest, plus anything.
@@ -25,7 +26,15 @@ fn header_text() -> impl Strategy<Value = String> {
     ]
 }
 
-fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+/// Any bytes a proxy may pass in a value: header-ish text, or raw bytes with obs-text.
+fn header_value() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        header_text().prop_map(String::into_bytes),
+        prop::collection::vec(any::<u8>(), 0..64),
+    ]
+}
+
+fn headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     let names = prop_oneof![
         Just("cache-control".to_string()),
         Just("expires".to_string()),
@@ -43,7 +52,7 @@ fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
         Just("if-modified-since".to_string()),
         "[a-z-]{1,12}",
     ];
-    prop::collection::vec((names, header_text()), 0..12)
+    prop::collection::vec((names, header_value()), 0..12)
 }
 
 /// 64 cases per property in CI (a few seconds in debug); `PROPTEST_CASES` raises it.
@@ -59,8 +68,8 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn cache_control_never_panics(lines in prop::collection::vec(header_text(), 0..4)) {
-        let cc = CacheControl::parse(lines.iter().map(String::as_str));
+    fn cache_control_never_panics(lines in prop::collection::vec(header_value(), 0..4)) {
+        let cc = CacheControl::parse(&lines);
         // Whatever was parsed, its derived views are consistent.
         let _ = cc.requires_validation();
         let _ = cc.withheld_fields().count();
@@ -74,35 +83,62 @@ proptest! {
     }
 
     #[test]
-    fn vary_and_secondary_keys_never_panic(lines in prop::collection::vec(header_text(), 0..4), req in headers()) {
-        if let Vary::Names(names) = Vary::parse(lines.iter().map(String::as_str)) {
-            let a = vary::secondary_key(&names, |n| policy::values(&req, n));
-            let b = vary::secondary_key(&names, |n| policy::values(&req, n));
+    fn vary_and_secondary_keys_never_panic(lines in prop::collection::vec(header_value(), 0..4), req in headers()) {
+        if let Vary::Names(names) = Vary::parse(&lines) {
+            let a = vary::secondary_key(&names, |n| values(&req, n));
+            let b = vary::secondary_key(&names, |n| values(&req, n));
             prop_assert_eq!(a, b);
         }
     }
 
     #[test]
+    fn secondary_keys_differ_when_any_value_byte_differs(a in header_value(), b in header_value()) {
+        let names = vec!["x".to_string()];
+        let ka = vary::secondary_key(&names, |_| vec![a.as_slice()]);
+        let kb = vary::secondary_key(&names, |_| vec![b.as_slice()]);
+        // Only the normalisations §4.1 allows: whitespace around list commas.
+        let norm = |v: &[u8]| -> Vec<Vec<u8>> {
+            v.split(|&c| c == b',').map(|i| i.iter().copied().skip_while(|c| *c == b' ' || *c == b'\t').collect::<Vec<u8>>()).map(|mut i| { while matches!(i.last(), Some(b' ' | b'\t')) { i.pop(); } i }).collect()
+        };
+        prop_assert_eq!(ka == kb, norm(&a) == norm(&b));
+    }
+
+    #[test]
+    fn header_maps_never_panic_and_round_trip(bytes in prop::collection::vec(any::<u8>(), 0..256), fields in prop::collection::vec((prop::collection::vec(any::<u8>(), 0..16), prop::collection::vec(any::<u8>(), 0..32)), 0..8)) {
+        let _ = field::decode_pairs(&bytes);
+        prop_assert_eq!(field::decode_pairs(&field::encode_pairs(&fields)), Some(fields));
+    }
+
+    #[test]
     fn conditionals_never_panic(req in headers(), stored in headers(), t in any::<u64>()) {
-        let stored: Vec<(&str, &str)> = stored.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let stored: Vec<(&[u8], &[u8])> = stored.iter().map(|(n, v)| (n.as_bytes(), v.as_slice())).collect();
         let _ = conditional::evaluate(&req, &stored, t);
         let _ = conditional::selects(&req, &stored);
         let _ = conditional::validators(&stored);
         for (_, v) in &req {
-            let _ = EntityTag::parse(v);
-            let _ = TagList::parse(&[v.as_str()]);
+            let _ = EntityTag::parse(v.as_slice());
+            let _ = TagList::parse(&[v.as_slice()]);
         }
     }
 
     #[test]
-    fn keys_never_panic(scheme in "[a-zA-Z+.-]{0,8}", authority in any::<String>(), path in any::<String>()) {
+    fn keys_never_panic_and_keep_the_target(scheme in "[a-zA-Z+.-]{0,8}", authority in prop::collection::vec(any::<u8>(), 0..24), path in prop::collection::vec(any::<u8>(), 0..48)) {
         if let Ok(k) = CacheKey::new(&scheme, &authority, &path) {
-            // Normalisation is idempotent on the path and query it produced.
+            // The forwarded target is in the key byte for byte.
+            prop_assert!(k.as_str().as_bytes().ends_with(&path));
+            // Normalisation is idempotent.
             let rest = &k.as_str()[k.as_str().find("://").unwrap() + 3..];
             let slash = rest.find('/').unwrap();
             let again = CacheKey::new(&scheme, &rest[..slash], &rest[slash..]).unwrap();
             prop_assert_eq!(again, k);
         }
+    }
+
+    #[test]
+    fn distinct_targets_never_share_a_key(a in "/[a-z%2.F/]{0,10}", b in "/[a-z%2.F/]{0,10}") {
+        let ka = CacheKey::new("http", "h", &a).unwrap();
+        let kb = CacheKey::new("http", "h", &b).unwrap();
+        prop_assert_eq!(ka == kb, a == b);
     }
 
     #[test]
@@ -133,6 +169,7 @@ proptest! {
         meta_bits in any::<(u16, u64, u32, u32)>(),
     ) {
         let meta = ResponseMeta { status, flags: meta_bits.0, response_time: meta_bits.1, initial_age: meta_bits.2, lifetime: meta_bits.3 };
+        let hdrs: Vec<(Vec<u8>, Vec<u8>)> = hdrs.into_iter().map(|(n, v)| (n.into_bytes(), v)).collect();
         let buf = entry::encode_response(9, &key, &secondary, &meta, &hdrs, &body);
         let Ok(EntryView::Response(r)) = entry::decode(&buf) else {
             return Err(TestCaseError::fail("round trip failed"));
@@ -141,7 +178,8 @@ proptest! {
         prop_assert_eq!(r.secondary, secondary.as_str());
         prop_assert_eq!(r.meta, meta);
         prop_assert_eq!(r.body, &body[..]);
-        prop_assert_eq!(r.headers.len(), hdrs.len());
+        let back: Vec<(Vec<u8>, Vec<u8>)> = r.headers.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+        prop_assert_eq!(back, hdrs);
     }
 
     #[test]

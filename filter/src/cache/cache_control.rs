@@ -78,10 +78,13 @@ pub struct CacheControl {
 
 impl CacheControl {
     /// Parses every field line of the header (they combine as one list, RFC 9110 §5.3).
-    pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> CacheControl {
+    /// Lines are bytes: a non-UTF-8 byte can only sit in a quoted string or spoil the one
+    /// directive it is in.
+    pub fn parse<L: AsRef<[u8]>>(lines: impl IntoIterator<Item = L>) -> CacheControl {
         let mut cc = CacheControl::default();
         for line in lines {
-            for (name, value) in Directives::new(line) {
+            let line = crate::field::text(line.as_ref());
+            for (name, value) in Directives::new(&line) {
                 cc.apply(name, value);
             }
         }

@@ -2,7 +2,7 @@
 //! (RFC 9111 §4.3.2), and the validators a cache sends when it revalidates (§4.3.1).
 
 use super::freshness::parse_http_date;
-use super::policy::{values, Headers};
+use crate::field::{first, values, Field};
 
 /// What a cache does with a request's preconditions, given a stored response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,23 +21,21 @@ pub enum Evaluation {
 pub struct EntityTag<'a> {
     /// `W/` prefix.
     pub weak: bool,
-    /// The opaque tag, quotes included.
-    pub opaque: &'a str,
+    /// The opaque tag, quotes included; bytes, since etagc includes obs-text and two tags
+    /// are equal only byte for byte (§8.8.3.2).
+    pub opaque: &'a [u8],
 }
 
 impl<'a> EntityTag<'a> {
     /// Parses one entity-tag; `None` when malformed.
-    pub fn parse(s: &'a str) -> Option<EntityTag<'a>> {
-        let s = s.trim();
-        let (weak, rest) = match s.strip_prefix("W/") {
+    pub fn parse<T: AsRef<[u8]> + ?Sized>(s: &'a T) -> Option<EntityTag<'a>> {
+        let s = s.as_ref().trim_ascii();
+        let (weak, rest) = match s.strip_prefix(b"W/") {
             Some(r) => (true, r),
             None => (false, s),
         };
-        let ok = rest.len() >= 2
-            && rest.starts_with('"')
-            && rest.ends_with('"')
-            && !rest[1..rest.len() - 1].contains('"');
-        ok.then_some(EntityTag { weak, opaque: rest })
+        let inner = rest.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+        (!inner.contains(&b'"')).then_some(EntityTag { weak, opaque: rest })
     }
 
     /// Weak comparison (RFC 9110 §8.8.3.2): the opaque tags match, either may be weak.
@@ -62,24 +60,24 @@ pub enum TagList<'a> {
 
 impl<'a> TagList<'a> {
     /// Parses every line of the field (RFC 9110 §5.3 list combination).
-    pub fn parse(lines: &[&'a str]) -> TagList<'a> {
+    pub fn parse<T: AsRef<[u8]> + ?Sized>(lines: &[&'a T]) -> TagList<'a> {
         let mut tags = Vec::new();
         for line in lines {
-            if line.trim() == "*" {
+            let line: &'a [u8] = (*line).as_ref();
+            if line.trim_ascii() == b"*" {
                 return TagList::Any;
             }
-            // Entity-tags cannot contain commas outside quotes; split on commas between them.
-            let mut rest = *line;
-            while let Some(start) = rest.find('"') {
-                let prefix = &rest[..start];
-                let weak = prefix.trim_end().ends_with("W/");
-                let after = &rest[start + 1..];
-                let Some(end) = after.find('"') else { break };
-                tags.push(EntityTag {
-                    weak,
-                    opaque: &rest[start..start + end + 2],
-                });
-                rest = &after[end + 1..];
+            // Entity-tags cannot contain quotes inside; each pair of quotes is one tag.
+            let mut rest = line;
+            while let Some(start) = rest.iter().position(|&b| b == b'"') {
+                let (prefix, quoted) = rest.split_at(start);
+                let weak = prefix.trim_ascii_end().ends_with(b"W/");
+                let Some(end) = quoted.iter().skip(1).position(|&b| b == b'"') else {
+                    break;
+                };
+                let (opaque, after) = quoted.split_at(end + 2);
+                tags.push(EntityTag { weak, opaque });
+                rest = after;
             }
         }
         TagList::Tags(tags)
@@ -95,7 +93,7 @@ impl<'a> TagList<'a> {
 }
 
 /// Whether the request carries any precondition.
-pub fn is_conditional(req: &Headers) -> bool {
+pub fn is_conditional<F: Field>(req: &[F]) -> bool {
     [
         "if-none-match",
         "if-modified-since",
@@ -104,17 +102,17 @@ pub fn is_conditional(req: &Headers) -> bool {
         "if-range",
     ]
     .iter()
-    .any(|n| !values(req, n).is_empty())
+    .any(|n| crate::field::has(req, n))
 }
 
 /// RFC 9110 §13.2.2 precedence, as RFC 9111 §4.3.2 has a cache apply it to a GET or HEAD
 /// answered from `stored` (its header fields), received at `response_time` (Unix seconds).
-pub fn evaluate(req: &Headers, stored: &[(&str, &str)], response_time: u64) -> Evaluation {
+pub fn evaluate<R: Field, S: Field>(req: &[R], stored: &[S], response_time: u64) -> Evaluation {
     // Steps 1-2: origin-only preconditions.
     if !values(req, "if-match").is_empty() || !values(req, "if-unmodified-since").is_empty() {
         return Evaluation::Forward;
     }
-    let stored_value = |name: &str| stored.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let stored_value = |name: &str| first(stored, name);
     // Step 3: If-None-Match, weak comparison.
     let inm = values(req, "if-none-match");
     if !inm.is_empty() {
@@ -144,13 +142,13 @@ pub fn evaluate(req: &Headers, stored: &[(&str, &str)], response_time: u64) -> E
 
 /// Fields a 304 carries (RFC 9110 §15.4.5): those a 200 would have had among
 /// `Cache-Control`, `Content-Location`, `Date`, `ETag`, `Expires` and `Vary`.
-pub fn not_modified_headers<'a>(stored: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+pub fn not_modified_headers<'a>(stored: &[(&'a [u8], &'a [u8])]) -> Vec<(&'a [u8], &'a [u8])> {
     stored
         .iter()
         .filter(|(n, _)| {
             matches!(
                 *n,
-                "cache-control" | "content-location" | "date" | "etag" | "expires" | "vary"
+                b"cache-control" | b"content-location" | b"date" | b"etag" | b"expires" | b"vary"
             )
         })
         .copied()
@@ -159,12 +157,12 @@ pub fn not_modified_headers<'a>(stored: &[(&'a str, &'a str)]) -> Vec<(&'a str, 
 
 /// The validators for revalidating `stored` (RFC 9111 §4.3.1): `If-None-Match` with its
 /// entity-tag and `If-Modified-Since` with its `Last-Modified`, whichever exist.
-pub fn validators<'a>(stored: &[(&'a str, &'a str)]) -> Vec<(&'static str, &'a str)> {
+pub fn validators<'a>(stored: &[(&'a [u8], &'a [u8])]) -> Vec<(&'static str, &'a [u8])> {
     let mut out = Vec::new();
     for (n, v) in stored {
         match *n {
-            "etag" if EntityTag::parse(v).is_some() => out.push(("if-none-match", *v)),
-            "last-modified" if parse_http_date(v).is_some() => out.push(("if-modified-since", *v)),
+            b"etag" if EntityTag::parse(v).is_some() => out.push(("if-none-match", *v)),
+            b"last-modified" if parse_http_date(v).is_some() => out.push(("if-modified-since", *v)),
             _ => {}
         }
     }
@@ -173,18 +171,18 @@ pub fn validators<'a>(stored: &[(&'a str, &'a str)]) -> Vec<(&'static str, &'a s
 
 /// RFC 9111 §4.3.4: does a 304 select this stored response? A validator in the 304 must
 /// match the stored one; a 304 with none selects a stored response that has none either.
-pub fn selects(not_modified: &Headers, stored: &[(&str, &str)]) -> bool {
-    let stored_value = |name: &str| stored.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+pub fn selects<N: Field, S: Field>(not_modified: &[N], stored: &[S]) -> bool {
+    let stored_value = |name: &str| first(stored, name);
     let new_etag = values(not_modified, "etag")
         .first()
-        .and_then(|v| EntityTag::parse(v));
+        .and_then(|v| EntityTag::parse(*v));
     let old_etag = stored_value("etag").and_then(EntityTag::parse);
     if let Some(new) = new_etag {
         return old_etag.is_some_and(|old| old.weak_eq(&new));
     }
     let new_lm = values(not_modified, "last-modified")
         .first()
-        .and_then(|v| parse_http_date(v));
+        .and_then(parse_http_date);
     let old_lm = stored_value("last-modified").and_then(parse_http_date);
     match (new_lm, old_lm) {
         (Some(n), Some(o)) => n == o,
@@ -197,6 +195,7 @@ pub fn selects(not_modified: &Headers, stored: &[(&str, &str)]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::field::byte_pairs;
 
     fn h(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
@@ -286,25 +285,26 @@ mod tests {
     #[test]
     fn not_modified_keeps_the_listed_fields() {
         // RFC 9110 §15.4.5
-        let names: Vec<&str> = not_modified_headers(STORED)
+        let names: Vec<&[u8]> = not_modified_headers(&byte_pairs(STORED))
             .iter()
             .map(|(n, _)| *n)
             .collect();
-        assert_eq!(names, ["etag", "cache-control"]);
+        assert_eq!(names, [&b"etag"[..], b"cache-control"]);
     }
 
     #[test]
     fn revalidation_sends_both_validators() {
         // RFC 9111 §4.3.1
-        let v = validators(STORED);
+        let stored = byte_pairs(STORED);
+        let v = validators(&stored);
         assert_eq!(
             v,
             [
-                ("if-none-match", "\"v1\""),
-                ("if-modified-since", "Sat, 28 Nov 2026 10:00:00 GMT")
+                ("if-none-match", &b"\"v1\""[..]),
+                ("if-modified-since", b"Sat, 28 Nov 2026 10:00:00 GMT")
             ]
         );
-        assert!(validators(&[("etag", "bad")]).is_empty());
+        assert!(validators(&byte_pairs(&[("etag", "bad")])).is_empty());
     }
 
     #[test]

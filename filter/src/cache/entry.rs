@@ -110,8 +110,8 @@ pub struct ResponseView<'a> {
     pub secondary: &'a str,
     /// Status, times and flags.
     pub meta: ResponseMeta,
-    /// Stored header fields, lower-case names.
-    pub headers: Vec<(&'a str, &'a str)>,
+    /// Stored header fields, lower-case names, byte for byte as received.
+    pub headers: Vec<(&'a [u8], &'a [u8])>,
     /// The body.
     pub body: &'a [u8],
 }
@@ -133,7 +133,7 @@ pub fn encode_response(
     key: &str,
     secondary: &str,
     meta: &ResponseMeta,
-    headers: &[(String, String)],
+    headers: &[(Vec<u8>, Vec<u8>)],
     body: &[u8],
 ) -> Vec<u8> {
     let hdr_len: usize = headers.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
@@ -151,8 +151,8 @@ pub fn encode_response(
     for (n, v) in headers {
         put_u32(&mut out, n.len());
         put_u32(&mut out, v.len());
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(n);
+        out.extend_from_slice(v);
     }
     put_bytes(&mut out, body);
     out
@@ -193,9 +193,7 @@ pub fn decode(buf: &[u8]) -> Result<EntryView<'_>, DecodeError> {
             for _ in 0..count {
                 let nl = r.u32()? as usize;
                 let vl = r.u32()? as usize;
-                let n = as_str(r.take(nl)?)?;
-                let v = as_str(r.take(vl)?)?;
-                headers.push((n, v));
+                headers.push((r.take(nl)?, r.take(vl)?));
             }
             let body = r.bytes()?;
             Ok(EntryView::Response(ResponseView {
@@ -364,8 +362,8 @@ mod tests {
             lifetime: 60,
         };
         let headers = vec![
-            ("content-type".to_string(), "text/plain".to_string()),
-            ("etag".to_string(), "\"v1\"".to_string()),
+            (b"content-type".to_vec(), b"text/plain".to_vec()),
+            (b"etag".to_vec(), b"\"v1\"".to_vec()),
         ];
         encode_response(7, "http://h/a", "accept:gzip\n", &meta, &headers, body)
     }
@@ -385,7 +383,7 @@ mod tests {
         assert_eq!(r.meta.lifetime, 60);
         assert_eq!(
             r.headers,
-            vec![("content-type", "text/plain"), ("etag", "\"v1\"")]
+            crate::field::byte_pairs(&[("content-type", "text/plain"), ("etag", "\"v1\"")])
         );
         assert_eq!(r.body, b"hello");
         assert_eq!(peek_key(&buf).unwrap(), (7, "http://h/a"));

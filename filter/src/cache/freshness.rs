@@ -4,7 +4,9 @@ use super::cache_control::{CacheControl, Delta};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// Parses an HTTP-date (RFC 9110 §5.6.7, all three formats) into Unix seconds.
-pub fn parse_http_date(s: &str) -> Option<u64> {
+pub fn parse_http_date(s: impl AsRef<[u8]>) -> Option<u64> {
+    // A date is ASCII; any other byte makes it invalid.
+    let s = std::str::from_utf8(s.as_ref()).ok()?;
     let t = httpdate::parse_http_date(s.trim()).ok()?;
     t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
 }
@@ -30,10 +32,10 @@ pub enum LifetimeSource {
 ///
 /// `expires` and `date` are all field lines of those headers; `response_time` stands in for a
 /// missing or invalid `Date` (RFC 9110 §6.6.1 lets a recipient add it on receipt).
-pub fn freshness_lifetime(
+pub fn freshness_lifetime<E: AsRef<[u8]>, D: AsRef<[u8]>>(
     cc: &CacheControl,
-    expires: &[&str],
-    date: &[&str],
+    expires: &[E],
+    date: &[D],
     response_time: u64,
 ) -> Option<(u64, LifetimeSource)> {
     // A shared cache uses s-maxage first, then max-age, then Expires - Date.
@@ -62,7 +64,7 @@ pub fn freshness_lifetime(
 }
 
 /// The `Date` value when there is exactly one valid line.
-pub fn single_date(date: &[&str]) -> Option<u64> {
+pub fn single_date<D: AsRef<[u8]>>(date: &[D]) -> Option<u64> {
     match date {
         [one] => parse_http_date(one),
         _ => None,
@@ -71,10 +73,10 @@ pub fn single_date(date: &[&str]) -> Option<u64> {
 
 /// The `Age` value (RFC 9111 §5.1): non-negative integer; invalid values are ignored, several
 /// lines use the first valid one.
-pub fn age_value(age: &[&str]) -> u64 {
+pub fn age_value<A: AsRef<[u8]>>(age: &[A]) -> u64 {
     age.iter()
         .find_map(|a| {
-            let a = a.trim();
+            let a = std::str::from_utf8(a.as_ref()).ok()?.trim();
             if a.is_empty() || !a.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
@@ -136,7 +138,7 @@ mod tests {
             Some((150, LifetimeSource::Expires))
         );
         assert_eq!(
-            freshness_lifetime(&cc(""), &[&exp], &[], T),
+            freshness_lifetime(&cc(""), &[&exp], &[] as &[&str], T),
             Some((100, LifetimeSource::Expires))
         );
     }
@@ -145,12 +147,12 @@ mod tests {
     fn invalid_expires_means_expired() {
         // RFC 9111 §5.3: invalid dates, especially "0", are in the past.
         assert_eq!(
-            freshness_lifetime(&cc(""), &["0"], &[], T),
+            freshness_lifetime(&cc(""), &["0"], &[] as &[&str], T),
             Some((0, LifetimeSource::Expires))
         );
         let e = format_http_date(T + 9);
         assert_eq!(
-            freshness_lifetime(&cc(""), &[&e, &e], &[], T).map(|l| l.0),
+            freshness_lifetime(&cc(""), &[&e, &e], &[] as &[&str], T).map(|l| l.0),
             Some(0)
         );
     }
@@ -159,7 +161,7 @@ mod tests {
     fn expires_in_the_past_gives_zero_not_underflow() {
         let exp = format_http_date(T - 100);
         assert_eq!(
-            freshness_lifetime(&cc(""), &[&exp], &[], T).map(|l| l.0),
+            freshness_lifetime(&cc(""), &[&exp], &[] as &[&str], T).map(|l| l.0),
             Some(0)
         );
     }
@@ -168,14 +170,17 @@ mod tests {
     fn invalid_max_age_is_stale() {
         // RFC 9111 §4.2.1: conflicting or invalid directives may be considered stale.
         assert_eq!(
-            freshness_lifetime(&cc("max-age=x"), &[], &[], T).map(|l| l.0),
+            freshness_lifetime(&cc("max-age=x"), &[] as &[&str], &[] as &[&str], T).map(|l| l.0),
             Some(0)
         );
     }
 
     #[test]
     fn no_explicit_freshness() {
-        assert_eq!(freshness_lifetime(&cc("public"), &[], &[], T), None);
+        assert_eq!(
+            freshness_lifetime(&cc("public"), &[] as &[&str], &[] as &[&str], T),
+            None
+        );
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Cache keys (RFC 9111 §2: the primary key is the request method and target URI; only GET is
-//! stored, so the key is the normalised URI).
+//! stored, so the key is the URI).
 //!
-//! Normalisation follows RFC 3986 §6.2.2 and RFC 9110 §4.2.3: scheme and host are lower-cased,
-//! the scheme's default port is dropped, percent-encodings of unreserved characters are decoded
-//! and the rest upper-cased, dot-segments are removed, and an empty path becomes `/`. The query
-//! is kept in order (reordering parameters can change meaning); the fragment never reaches a
-//! proxy but is dropped if present.
+//! The key is what the proxy forwards, not what the URI means: a stored answer may only be
+//! reused for a request the upstream would have received with the same target and Host.
+//! So the path and query are kept byte for byte (no percent-decoding, no dot-segment
+//! removal: an origin may treat `/%68ello` and `/hello` differently). Only what no origin
+//! can tell apart is normalised (RFC 9110 §4.2.3): scheme and host case, and the scheme's
+//! default port. Anything odd in the authority (userinfo, an empty or non-numeric port,
+//! bytes a host cannot have) or a target that is not origin-form is refused: the request
+//! is forwarded uncached.
 
-use std::borrow::Cow;
 use std::fmt;
 
 /// Longest key accepted; longer targets bypass the cache rather than grow the store.
@@ -43,41 +45,40 @@ impl fmt::Display for KeyError {
 pub struct CacheKey(String);
 
 impl CacheKey {
-    /// Builds the key from the request pseudo-headers.
-    pub fn new(scheme: &str, authority: &str, path: &str) -> Result<CacheKey, KeyError> {
+    /// Builds the key from the request pseudo-headers, as bytes from the wire.
+    pub fn new(
+        scheme: impl AsRef<[u8]>,
+        authority: impl AsRef<[u8]>,
+        path: impl AsRef<[u8]>,
+    ) -> Result<CacheKey, KeyError> {
+        let (scheme, authority, path) = (scheme.as_ref(), authority.as_ref(), path.as_ref());
         if scheme.len() + authority.len() + path.len() + 3 > MAX_KEY_BYTES {
             return Err(KeyError::TooLong);
         }
-        let scheme = scheme.to_ascii_lowercase();
         if scheme.is_empty()
             || !scheme
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
         {
             return Err(KeyError::Malformed);
         }
-        let authority = normalize_authority(&scheme, authority)?;
-        let path = path.split('#').next().unwrap_or("");
-        let (p, q) = match path.find('?') {
-            Some(i) => (&path[..i], Some(&path[i + 1..])),
-            None => (path, None),
-        };
-        // Asterisk-form and authority-form targets are never cacheable GETs.
-        if !p.is_empty() && !p.starts_with('/') {
+        let scheme = scheme.to_ascii_lowercase();
+        // Origin-form only (RFC 9112 §3.2.1): absolute-form, authority-form and asterisk-form
+        // targets are never cacheable GETs here, and the host they name may not be the Host
+        // the upstream gets. Visible ASCII only: a proxy that forwards other bytes is
+        // forwarding something no URI grammar describes.
+        if !path.starts_with(b"/") || !path.iter().all(|&b| (0x21..0x7f).contains(&b)) {
             return Err(KeyError::Malformed);
         }
-        let mut out = String::with_capacity(scheme.len() + authority.len() + path.len() + 3);
-        out.push_str(&scheme);
-        out.push_str("://");
-        out.push_str(&authority);
-        let p = normalize_pct(p)?;
-        let p = remove_dot_segments(&p);
-        out.push_str(if p.is_empty() { "/" } else { &p });
-        if let Some(q) = q {
-            out.push('?');
-            out.push_str(&normalize_pct(q)?);
-        }
-        Ok(CacheKey(out))
+        let mut out = Vec::with_capacity(scheme.len() + authority.len() + path.len() + 3);
+        out.extend_from_slice(&scheme);
+        out.extend_from_slice(b"://");
+        push_authority(&mut out, &scheme, authority)?;
+        out.extend_from_slice(path);
+        // Every byte pushed is visible ASCII, checked above.
+        String::from_utf8(out)
+            .map(CacheKey)
+            .map_err(|_| KeyError::Malformed)
     }
 
     /// Wraps an already normalised key (read back from the store).
@@ -118,121 +119,48 @@ pub fn hash64(bytes: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
-fn normalize_authority(scheme: &str, authority: &str) -> Result<String, KeyError> {
-    // userinfo is deprecated in http(s) URIs (RFC 9110 §4.2.4) and never part of a key.
-    let host_port = authority.rsplit('@').next().unwrap_or("");
-    if host_port.is_empty()
-        || host_port
-            .bytes()
-            .any(|b| b <= b' ' || b == 0x7f || b == b'/' || b == b'?' || b == b'#')
+/// RFC 3986 §3.2.2 host characters (reg-name, IP literals and their brackets); `@`
+/// (userinfo, deprecated by RFC 9110 §4.2.4) is not one: `a@b` must not key as `b`.
+fn is_host_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%[]:".contains(&b)
+}
+
+/// Lower-cased host, then `:port` unless it is the scheme's default.
+fn push_authority(out: &mut Vec<u8>, scheme: &[u8], authority: &[u8]) -> Result<(), KeyError> {
+    if authority.is_empty() || !authority.iter().all(|&b| is_host_byte(b)) {
+        return Err(KeyError::Malformed);
+    }
+    // A port follows the last colon, unless that colon is inside an IPv6 literal.
+    let (host, port) = match authority.iter().rposition(|&b| b == b':') {
+        Some(c) if !authority[c..].contains(&b']') => (&authority[..c], Some(&authority[c + 1..])),
+        _ => (authority, None),
+    };
+    let literal = host.starts_with(b"[") && host.ends_with(b"]");
+    // RFC 9110 §4.2.1: an http(s) URI with an empty host is invalid; a colon or bracket in
+    // a host that is not one bracketed literal is not a host either.
+    if host.is_empty()
+        || (!literal && host.iter().any(|&b| matches!(b, b':' | b'[' | b']')))
+        || (literal
+            && host[1..host.len() - 1]
+                .iter()
+                .any(|&b| matches!(b, b'[' | b']')))
     {
         return Err(KeyError::Malformed);
     }
-    let a = host_port.to_ascii_lowercase();
-    // Split a port that follows the host (an IPv6 literal ends with ']').
-    let (mut host, port) = match a.rfind(':') {
-        Some(colon) if !a[colon..].contains(']') => (a[..colon].to_string(), &a[colon + 1..]),
-        _ => (a.clone(), ""),
-    };
-    if !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(KeyError::Malformed);
-    }
-    // A trailing dot names the same host (RFC 1034 §3.1).
-    if host.ends_with('.') && host.len() > 1 {
-        host.pop();
-    }
-    // RFC 9110 §4.2.1: an http(s) URI with an empty host is invalid; a colon in a host
-    // that is not a bracketed IPv6 literal is not a host either.
-    if host.is_empty() || (!host.starts_with('[') && host.contains(':')) {
-        return Err(KeyError::Malformed);
-    }
-    let default = matches!((scheme, port), ("http", "80") | ("https", "443"));
-    if !port.is_empty() && !default {
-        host.push(':');
-        host.push_str(port);
-    }
-    Ok(host)
-}
-
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
-}
-
-/// RFC 3986 §6.2.2.1-2: decode %XX of unreserved characters, upper-case the other hex digits.
-/// Most targets have no `%` at all: those are returned as they are, without a copy.
-fn normalize_pct(s: &str) -> Result<Cow<'_, str>, KeyError> {
-    if !s.contains('%') {
-        return Ok(Cow::Borrowed(s));
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).ok_or(KeyError::Malformed)?;
-            let v = hex_val(hex[0])
-                .zip(hex_val(hex[1]))
-                .map(|(h, l)| h << 4 | l)
-                .ok_or(KeyError::Malformed)?;
-            if is_unreserved(v) {
-                out.push(v);
-            } else {
-                out.push(b'%');
-                out.push(hex[0].to_ascii_uppercase());
-                out.push(hex[1].to_ascii_uppercase());
-            }
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
+    out.extend(host.iter().map(u8::to_ascii_lowercase));
+    if let Some(port) = port {
+        // An empty port is legal but odd (RFC 3986 §3.2.3); the Host the upstream gets
+        // still has the colon, so it is refused rather than folded into the default.
+        if port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
+            return Err(KeyError::Malformed);
+        }
+        let default = matches!((scheme, port), (b"http", b"80") | (b"https", b"443"));
+        if !default {
+            out.push(b':');
+            out.extend_from_slice(port);
         }
     }
-    // Only ASCII was pushed or copied from a &str, so this is valid UTF-8.
-    String::from_utf8(out)
-        .map(Cow::Owned)
-        .map_err(|_| KeyError::Malformed)
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// RFC 3986 §5.2.4, on an absolute path.
-fn remove_dot_segments(path: &str) -> Cow<'_, str> {
-    if !path.contains("/.") {
-        return Cow::Borrowed(path);
-    }
-    let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    let last = segments.len().saturating_sub(1);
-    let mut trailing_slash = false;
-    for (i, seg) in segments.iter().enumerate() {
-        match *seg {
-            "." => trailing_slash = i == last,
-            ".." => {
-                out.pop();
-                trailing_slash = i == last;
-            }
-            s => {
-                out.push(s);
-                trailing_slash = false;
-            }
-        }
-    }
-    let mut r = String::with_capacity(path.len());
-    for s in &out {
-        r.push('/');
-        r.push_str(s);
-    }
-    if trailing_slash || r.is_empty() {
-        r.push('/');
-    }
-    Cow::Owned(r)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -245,72 +173,108 @@ mod tests {
 
     #[test]
     fn scheme_and_host_are_case_normalised_and_default_port_dropped() {
-        // RFC 3986 §6.2.2.1, RFC 9110 §4.2.3
+        // RFC 3986 §6.2.2.1, RFC 9110 §4.2.3: no origin can tell these apart.
         assert_eq!(k("HTTP", "Example.COM:80", "/a"), "http://example.com/a");
         assert_eq!(k("https", "example.com:443", "/a"), "https://example.com/a");
+        assert_eq!(
+            k("https", "example.com:80", "/a"),
+            "https://example.com:80/a"
+        );
         assert_eq!(
             k("http", "example.com:8080", "/a"),
             "http://example.com:8080/a"
         );
-        assert_eq!(k("http", "example.com:", "/a"), "http://example.com/a");
-        assert_eq!(k("http", "example.com.", "/a"), "http://example.com/a");
         assert_eq!(k("http", "[::1]:80", "/"), "http://[::1]/");
         assert_eq!(k("http", "[::1]", "/"), "http://[::1]/");
+        assert_eq!(k("http", "[::1]:8080", "/"), "http://[::1]:8080/");
     }
 
     #[test]
-    fn path_case_is_preserved() {
-        assert_ne!(k("http", "h", "/A"), k("http", "h", "/a"));
+    fn path_and_query_are_kept_byte_for_byte() {
+        // The key is what the upstream receives: an origin may answer each differently.
+        let distinct = [
+            "/hello",
+            "/%68ello",
+            "/%68%65llo",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a/b",
+            "/x/../hello",
+            "/./hello",
+            "//hello",
+            "/hello/",
+            "/hello?",
+            "/hello?a=1&b=2",
+            "/hello?b=2&a=1",
+            "/Hello",
+            "/hello#f",
+        ];
+        let keys: Vec<String> = distinct.iter().map(|p| k("http", "h", p)).collect();
+        for (i, a) in keys.iter().enumerate() {
+            assert_eq!(a, &format!("http://h{}", distinct[i]));
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 
     #[test]
-    fn percent_encoding_is_normalised() {
-        // RFC 3986 §6.2.2.2
-        assert_eq!(k("http", "h", "/%7euser/%41"), "http://h/~user/A");
-        assert_eq!(k("http", "h", "/a%2fb"), "http://h/a%2Fb");
-        assert_eq!(k("http", "h", "/?q=%2a"), "http://h/?q=%2A");
-        assert_eq!(CacheKey::new("http", "h", "/%zz"), Err(KeyError::Malformed));
-        assert_eq!(CacheKey::new("http", "h", "/%4"), Err(KeyError::Malformed));
+    fn host_variants_the_upstream_sees_differently_are_refused_or_distinct() {
+        // A trailing dot is another Host to a virtual-hosting origin.
+        assert_ne!(k("http", "h.test.", "/"), k("http", "h.test", "/"));
+        for bad in [
+            "u@h.test",
+            "u:p@h.test",
+            "h.test:",
+            "h.test:x",
+            "h.test:80x",
+            "h.test:123456",
+            "h.test:80:80",
+            "h test",
+            "h.test/x",
+            "h.test?",
+            "[::1",
+            "::1",
+            "[::1]x",
+            "",
+            ":80",
+        ] {
+            assert_eq!(
+                CacheKey::new("http", bad, "/"),
+                Err(KeyError::Malformed),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            CacheKey::new("http", b"h\xff.test", "/"),
+            Err(KeyError::Malformed)
+        );
     }
 
     #[test]
-    fn dot_segments_are_removed() {
-        // RFC 3986 §5.2.4, §6.2.2.3
-        assert_eq!(k("http", "h", "/a/./b/../c"), "http://h/a/c");
-        assert_eq!(k("http", "h", "/a/.."), "http://h/");
-        assert_eq!(k("http", "h", "/../../x"), "http://h/x");
-        assert_eq!(k("http", "h", "/a/b/."), "http://h/a/b/");
-        assert_eq!(k("http", "h", "/a/%2E%2E/b"), "http://h/b");
-    }
-
-    #[test]
-    fn empty_path_is_slash_and_query_order_kept() {
-        assert_eq!(k("http", "h", ""), "http://h/");
-        assert_eq!(k("http", "h", "?b=1&a=2"), "http://h/?b=1&a=2");
-        assert_ne!(k("http", "h", "/?a=1&b=2"), k("http", "h", "/?b=2&a=1"));
-        // An empty query is distinct from none (RFC 3986 §6.2.3 allows either; be exact).
-        assert_ne!(k("http", "h", "/?"), k("http", "h", "/"));
-    }
-
-    #[test]
-    fn fragment_and_userinfo_are_dropped() {
-        assert_eq!(k("http", "u:p@h", "/a#frag"), "http://h/a");
+    fn only_origin_form_targets_are_keyed() {
+        for bad in ["", "?a", "*", "http://h/a", "h:80", "a/b"] {
+            assert_eq!(
+                CacheKey::new("http", "h", bad),
+                Err(KeyError::Malformed),
+                "{bad}"
+            );
+        }
+        for bad in [&b"/a b"[..], b"/\xe9", b"/a\x00", b"/a\x7f", b"/a\tb"] {
+            assert_eq!(CacheKey::new("http", "h", bad), Err(KeyError::Malformed));
+        }
     }
 
     #[test]
     fn hostile_targets_are_rejected_not_panicking() {
-        assert_eq!(CacheKey::new("http", "", "/"), Err(KeyError::Malformed));
-        assert_eq!(CacheKey::new("http", "h h", "/"), Err(KeyError::Malformed));
         assert_eq!(CacheKey::new("http", "h:8x", "/"), Err(KeyError::Malformed));
         // Found by the fuzzer: a port without a host.
-        assert_eq!(CacheKey::new("a", ":", ""), Err(KeyError::Malformed));
-        assert_eq!(CacheKey::new("http", ":80", "/"), Err(KeyError::Malformed));
-        assert_eq!(CacheKey::new("+", "a::", "?"), Err(KeyError::Malformed));
+        assert_eq!(CacheKey::new("a", ":", "/"), Err(KeyError::Malformed));
+        assert_eq!(CacheKey::new("+", "a::", "/"), Err(KeyError::Malformed));
         assert_eq!(CacheKey::new("", "h", "/"), Err(KeyError::Malformed));
-        assert_eq!(CacheKey::new("http", "h", "*"), Err(KeyError::Malformed));
+        assert_eq!(CacheKey::new("ht tp", "h", "/"), Err(KeyError::Malformed));
         let long = format!("/{}", "a".repeat(MAX_KEY_BYTES));
         assert_eq!(CacheKey::new("http", "h", &long), Err(KeyError::TooLong));
-        assert!(CacheKey::new("http", "h", "/\u{e9}t\u{e9}").is_ok());
     }
 
     #[test]

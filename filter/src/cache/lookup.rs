@@ -4,9 +4,10 @@
 use super::conditional;
 use super::entry::{self, EntryView, Peek};
 use super::key::{hash64, CacheKey};
-use super::policy::{self, Headers, Storable, StoreContext};
+use super::policy::{self, Storable, StoreContext};
 use super::store::{Insert, InsertOutcome, Kind, SharedData, Store, StoreError};
 use super::vary::{self, Vary};
+use crate::field::{values, Field};
 
 /// Hash under which a variant is stored: the primary key and the secondary key together.
 pub fn variant_hash(key: &CacheKey, secondary: &str) -> u64 {
@@ -46,7 +47,7 @@ pub struct Hit {
 
 /// Looks `key` up for a request with `req` headers: one read for a plain entry, two for a
 /// variant (marker, then variant).
-pub fn lookup<S: SharedData>(store: &mut Store<S>, key: &CacheKey, req: &Headers) -> Found {
+pub fn lookup<S: SharedData, F: Field>(store: &mut Store<S>, key: &CacheKey, req: &[F]) -> Found {
     let primary = key.hash64();
     let Some(value) = store.get(primary, key.as_str()) else {
         return Found::Miss;
@@ -64,7 +65,7 @@ pub fn lookup<S: SharedData>(store: &mut Store<S>, key: &CacheKey, req: &Headers
                 return Found::Miss;
             };
             let names: Vec<String> = m.names.iter().map(|n| n.to_string()).collect();
-            let secondary = vary::secondary_key(&names, |n| policy::values(req, n));
+            let secondary = vary::secondary_key(&names, |n| values(req, n));
             let vh = variant_hash(key, &secondary);
             match store.get(vh, key.as_str()) {
                 Some(v) if is_variant(&v, &secondary) => Found::Response(Hit {
@@ -87,10 +88,10 @@ fn is_variant(value: &[u8], secondary: &str) -> bool {
 /// Stores a response for `key`, requested with `req` headers. `known_names` are the Vary
 /// names of the marker the lookup saw, if any: other variants survive only when the new
 /// response varies on the same names.
-pub fn insert_response<S: SharedData>(
+pub fn insert_response<S: SharedData, F: Field>(
     store: &mut Store<S>,
     key: &CacheKey,
-    req: &Headers,
+    req: &[F],
     known_names: Option<&[String]>,
     s: &Storable,
     body: &[u8],
@@ -98,7 +99,7 @@ pub fn insert_response<S: SharedData>(
     let primary = key.hash64();
     match &s.vary {
         Vary::Names(names) => {
-            let secondary = vary::secondary_key(names, |n| policy::values(req, n));
+            let secondary = vary::secondary_key(names, |n| values(req, n));
             let marker = entry::encode_vary(0, key.as_str(), names);
             let value =
                 entry::encode_response(0, key.as_str(), &secondary, &s.meta, &s.headers, body);
@@ -135,11 +136,11 @@ pub fn insert_response<S: SharedData>(
 /// are updated from the 304 (§3.2, all but `Content-Length`), its age and lifetime are
 /// recomputed from the 304's `Date` and `Age` (§4.2.3), and the body stays. Returns the new
 /// value, or `None` when the 304 does not select it or the result may not be stored.
-pub fn freshen<S: SharedData>(
+pub fn freshen<S: SharedData, N: Field>(
     store: &mut Store<S>,
     key: &CacheKey,
     hit: &Hit,
-    not_modified: &Headers,
+    not_modified: &[N],
     ctx: &StoreContext<'_>,
 ) -> Option<Vec<u8>> {
     let Ok(EntryView::Response(old)) = entry::decode(&hit.value) else {
@@ -151,9 +152,9 @@ pub fn freshen<S: SharedData>(
     let mut merged = policy::freshen(&old.headers, not_modified);
     // The 304's Age counts towards the freshened response's age.
     merged.extend(
-        policy::values(not_modified, "age")
+        values(not_modified, "age")
             .into_iter()
-            .map(|a| ("age".to_string(), a.to_string())),
+            .map(|a| (b"age".to_vec(), a.to_vec())),
     );
     let s = policy::storable(old.meta.status, &merged, ctx).ok()?;
     let value = entry::encode_response(
@@ -183,6 +184,8 @@ pub fn freshen<S: SharedData>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_HEADERS: &[(&str, &str)] = &[];
     use crate::cache::policy::{RequestPolicy, StoreContext};
     use crate::cache::store::{Limits, MemoryShared};
 
@@ -241,10 +244,10 @@ mod tests {
         let mem = MemoryShared::default();
         let mut s = store(&mem);
         let key = CacheKey::new("http", "h", "/a").unwrap();
-        assert_eq!(lookup(&mut s, &key, &[]), Found::Miss);
+        assert_eq!(lookup(&mut s, &key, NO_HEADERS), Found::Miss);
         let st = storable(&[("cache-control", "max-age=5")]);
-        insert_response(&mut s, &key, &[], None, &st, b"body").unwrap();
-        assert_eq!(body_of(&lookup(&mut s, &key, &[])), b"body");
+        insert_response(&mut s, &key, NO_HEADERS, None, &st, b"body").unwrap();
+        assert_eq!(body_of(&lookup(&mut s, &key, NO_HEADERS)), b"body");
     }
 
     #[test]
@@ -288,8 +291,8 @@ mod tests {
             ("etag", "\"v1\""),
             ("x", "old"),
         ]);
-        insert_response(&mut s, &key, &[], None, &st, b"same").unwrap();
-        let Found::Response(hit) = lookup(&mut s, &key, &[]) else {
+        insert_response(&mut s, &key, NO_HEADERS, None, &st, b"same").unwrap();
+        let Found::Response(hit) = lookup(&mut s, &key, NO_HEADERS) else {
             panic!()
         };
         let req = RequestPolicy::default();
@@ -310,8 +313,9 @@ mod tests {
             panic!()
         };
         assert_eq!((r.body, r.meta.lifetime), (&b"same"[..], 99));
-        assert!(r.headers.contains(&("x", "new")) && !r.headers.contains(&("x", "old")));
-        assert_eq!(body_of(&lookup(&mut s, &key, &[])), b"same");
+        let x = (&b"x"[..], &b"new"[..]);
+        assert!(r.headers.contains(&x) && !r.headers.contains(&(b"x", b"old")));
+        assert_eq!(body_of(&lookup(&mut s, &key, NO_HEADERS)), b"same");
         assert_eq!(s.usage().entries, 1);
     }
 }

@@ -6,29 +6,7 @@ use super::entry::{flags, ResponseMeta, ResponseView};
 use super::freshness;
 use super::vary::Vary;
 
-/// A header map as the glue reads it: (name, value) pairs, names lower-case as HTTP/2 and
-/// Envoy give them.
-pub type Headers = [(String, String)];
-
-/// Every value of `name` in `h`, in order (names compared case-insensitively).
-pub fn values<'a>(h: &'a Headers, name: &str) -> Vec<&'a str> {
-    h.iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-        .collect()
-}
-
-/// Every value of `name` in borrowed header pairs (a decoded entry's fields).
-pub fn header_values<'a>(h: &[(&'a str, &'a str)], name: &str) -> Vec<&'a str> {
-    h.iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| *v)
-        .collect()
-}
-
-fn has(h: &Headers, name: &str) -> bool {
-    h.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
-}
+use crate::field::{has, text, values, Field, OwnedFields};
 
 /// Why a request did not look in the cache; the RFC 9211 `fwd` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,15 +102,15 @@ pub struct RequestPolicy {
 
 impl RequestPolicy {
     /// Reads the request headers.
-    pub fn from_request(req: &Headers) -> RequestPolicy {
+    pub fn from_request<F: Field>(req: &[F]) -> RequestPolicy {
         let cc_lines = values(req, "cache-control");
         let cc = CacheControl::parse(cc_lines.iter().copied());
         // §5.4: Pragma: no-cache counts only when Cache-Control is absent.
         let pragma_no_cache = cc_lines.is_empty()
             && values(req, "pragma")
                 .iter()
-                .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case("no-cache"));
+                .flat_map(|v| v.split(|&b| b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"no-cache"));
         RequestPolicy {
             no_cache: cc.no_cache.is_some() || pragma_no_cache,
             authorization: has(req, "authorization"),
@@ -205,8 +183,8 @@ pub fn reuse(stored: &ResponseMeta, req: &RequestPolicy, now: u64) -> Reuse {
 pub struct Storable {
     /// Status, flags, age and lifetime.
     pub meta: ResponseMeta,
-    /// The header fields to store (lower-case names).
-    pub headers: Vec<(String, String)>,
+    /// The header fields to store (lower-case names), byte for byte.
+    pub headers: OwnedFields,
     /// The response's `Vary`.
     pub vary: Vary,
 }
@@ -237,9 +215,9 @@ pub const HEURISTICALLY_CACHEABLE: [u16; 12] =
     [200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501];
 
 /// RFC 9111 §3: may this response be stored? `resp` excludes pseudo-headers.
-pub fn storable(
+pub fn storable<F: Field>(
     status: u16,
-    resp: &Headers,
+    resp: &[F],
     ctx: &StoreContext<'_>,
 ) -> Result<Storable, NotStored> {
     if ctx.head {
@@ -333,11 +311,11 @@ fn heuristic_allowed(status: u16, cc: &CacheControl) -> bool {
 
 /// RFC 9111 §4.2.2: a fraction of the time since `Last-Modified`, capped; `None` without a
 /// usable `Last-Modified`.
-fn heuristic_lifetime(
+fn heuristic_lifetime<F: Field>(
     status: u16,
     cc: &CacheControl,
-    resp: &Headers,
-    date_lines: &[&str],
+    resp: &[F],
+    date_lines: &[&[u8]],
     ctx: &StoreContext<'_>,
 ) -> Option<u64> {
     if !heuristic_allowed(status, cc) || ctx.heuristic_fraction <= 0.0 {
@@ -411,12 +389,12 @@ pub fn stale_allowed(
 /// RFC 9111 §3.2 and §4.3.4: the stored header fields updated from a 304 (or a HEAD
 /// response): each field the new response has replaces the stored one, except fields that
 /// are not stored at all and `Content-Length`.
-pub fn freshen(stored: &[(&str, &str)], new: &Headers) -> Vec<(String, String)> {
+pub fn freshen<S: Field, N: Field>(stored: &[S], new: &[N]) -> OwnedFields {
     let incoming = stored_headers(new, &[]);
-    let mut out: Vec<(String, String)> = stored
+    let mut out: OwnedFields = stored
         .iter()
-        .filter(|(n, _)| !incoming.iter().any(|(m, _)| m == n))
-        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .filter(|f| !incoming.iter().any(|(m, _)| m.as_slice() == f.name()))
+        .map(|f| (f.name().to_vec(), f.value().to_vec()))
         .collect();
     out.extend(incoming);
     out
@@ -430,11 +408,11 @@ pub fn is_safe_method(method: &str) -> bool {
 /// RFC 9111 §4.4: after a non-error response to an unsafe method, the target URI and the
 /// same-origin `Location` and `Content-Location` URIs are invalidated. `request` is the
 /// target's key; returns the keys to remove.
-pub fn invalidation_targets(
+pub fn invalidation_targets<F: Field>(
     method: &str,
     status: u16,
     request: &super::key::CacheKey,
-    resp: &Headers,
+    resp: &[F],
 ) -> Vec<super::key::CacheKey> {
     use super::key::CacheKey;
     if is_safe_method(method) || !(200..400).contains(&status) {
@@ -448,6 +426,10 @@ pub fn invalidation_targets(
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     for name in ["location", "content-location"] {
         for v in values(resp, name) {
+            // A URI is ASCII; anything else names no entry of ours.
+            let Ok(v) = std::str::from_utf8(v) else {
+                continue;
+            };
             let v = v.trim();
             let (s, a, p) = if let Some((vs, vr)) = v.split_once("://") {
                 let (va, vp) = vr.split_at(vr.find('/').unwrap_or(vr.len()));
@@ -471,6 +453,8 @@ pub fn invalidation_targets(
                     format!("{dir}{v}"),
                 )
             };
+            // `http://h` names the path `/` (RFC 9110 §4.2.3).
+            let p = if p.is_empty() { "/".to_string() } else { p };
             if let Ok(k) = CacheKey::new(&s, &a, &p) {
                 // Same origin only: another origin's entries are not this response's to drop.
                 let origin = |k: &str| {
@@ -491,9 +475,16 @@ pub fn invalidation_targets(
 }
 
 /// The declared body length, when there is exactly one valid `Content-Length`.
-pub fn content_length(resp: &Headers) -> Option<u64> {
+pub fn content_length<F: Field>(resp: &[F]) -> Option<u64> {
     match values(resp, "content-length").as_slice() {
-        [one] => one.trim().parse().ok(),
+        [one] => {
+            let v = one.trim_ascii();
+            // RFC 9110 §8.6: 1*DIGIT, nothing else (no sign, no spaces inside).
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            text(v).parse().ok()
+        }
         _ => None,
     }
 }
@@ -501,48 +492,50 @@ pub fn content_length(resp: &Headers) -> Option<u64> {
 /// Fields never stored: hop-by-hop (RFC 9110 §7.6.1, RFC 9111 §3.1), values the cache
 /// recomputes (`age`, `content-length`, `cache-status`), and the proxy's own per-request
 /// fields.
-fn is_unstored(name: &str) -> bool {
+fn is_unstored(name: &[u8]) -> bool {
     matches!(
         name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authentication-info"
-            | "age"
-            | "content-length"
-            | "cache-status"
-    ) || name.starts_with(':')
-        || name.starts_with("x-envoy-")
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
+            | b"proxy-authenticate"
+            | b"proxy-authentication-info"
+            | b"age"
+            | b"content-length"
+            | b"cache-status"
+    ) || name.starts_with(b":")
+        || name.starts_with(b"x-envoy-")
 }
 
 /// The header fields to keep, in order, lower-cased; skips those named by `Connection`
 /// (§3.1) and the `withheld` qualified private/no-cache fields (§5.2.2.4, §5.2.2.7).
-pub fn stored_headers(resp: &Headers, withheld: &[&str]) -> Vec<(String, String)> {
-    let connection: Vec<String> = values(resp, "connection")
+pub fn stored_headers<F: Field>(resp: &[F], withheld: &[&str]) -> OwnedFields {
+    let connection: Vec<Vec<u8>> = values(resp, "connection")
         .iter()
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|t| t.trim_ascii().to_ascii_lowercase())
         .collect();
     resp.iter()
-        .filter_map(|(n, v)| {
-            let n = n.to_ascii_lowercase();
-            let drop = is_unstored(&n) || connection.contains(&n) || withheld.contains(&n.as_str());
-            (!drop).then(|| (n, v.clone()))
+        .filter_map(|f| {
+            let n = f.name().to_ascii_lowercase();
+            let drop = is_unstored(&n)
+                || connection.contains(&n)
+                || withheld.iter().any(|w| w.as_bytes() == n.as_slice());
+            (!drop).then(|| (n, f.value().to_vec()))
         })
         .collect()
 }
 
 /// A stored response's headers as served, for building a local reply: the stored fields,
 /// then `Age` (RFC 9111 §5.1, always sent on a hit).
-pub fn hit_headers<'a>(r: &ResponseView<'a>, age: &'a str) -> Vec<(&'a str, &'a str)> {
+pub fn hit_headers<'a>(r: &ResponseView<'a>, age: &'a str) -> Vec<(&'a [u8], &'a [u8])> {
     let mut h = Vec::with_capacity(r.headers.len() + 2);
     h.extend(r.headers.iter().copied());
-    h.push(("age", age));
+    h.push((b"age", age.as_bytes()));
     h
 }
 
@@ -625,8 +618,8 @@ mod tests {
             ],
         )
         .unwrap();
-        assert!(s.headers.iter().all(|(n, _)| n != "set-cookie"));
-        assert!(s.headers.iter().any(|(n, _)| n == "x"));
+        assert!(s.headers.iter().all(|(n, _)| n != b"set-cookie"));
+        assert!(s.headers.iter().any(|(n, _)| n == b"x"));
     }
 
     #[test]
@@ -724,8 +717,8 @@ mod tests {
             ],
         )
         .unwrap();
-        let names: Vec<&str> = s.headers.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["cache-control", "etag"]);
+        let names: Vec<&[u8]> = s.headers.iter().map(|(n, _)| n.as_slice()).collect();
+        assert_eq!(names, [&b"cache-control"[..], b"etag"]);
     }
 
     #[test]
@@ -857,8 +850,8 @@ mod tests {
         let out = freshen(&stored, &new);
         let get = |n: &str| {
             out.iter()
-                .filter(|(k, _)| k == n)
-                .map(|(_, v)| v.as_str())
+                .filter(|(k, _)| k == n.as_bytes())
+                .map(|(_, v)| std::str::from_utf8(v).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(get("cache-control"), ["max-age=60"]);

@@ -101,13 +101,16 @@ pub fn with_key(mut member: String, key: &str) -> String {
 
 /// RFC 9211 §2: members are listed from the origin towards the user, so this cache's member
 /// goes after any the upstream sent.
-pub fn append(existing: &[&str], ours: &str) -> String {
-    let mut out = String::new();
-    for e in existing.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
-        out.push_str(e);
-        out.push_str(", ");
+/// The upstream's members are kept byte for byte.
+pub fn append<E: AsRef<[u8]>>(existing: &[E], ours: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in existing.iter().map(|e| e.as_ref().trim_ascii()) {
+        if !e.is_empty() {
+            out.extend_from_slice(e);
+            out.extend_from_slice(b", ");
+        }
     }
-    out.push_str(ours);
+    out.extend_from_slice(ours.as_bytes());
     out
 }
 
@@ -204,9 +207,11 @@ mod tests {
         // RFC 9211 §2: the member closest to the user comes last.
         assert_eq!(
             append(&["origin; hit"], "edge-filter; hit; ttl=1"),
-            "origin; hit, edge-filter; hit; ttl=1"
+            b"origin; hit, edge-filter; hit; ttl=1"
         );
-        assert_eq!(append(&[], "x"), "x");
-        assert_eq!(append(&[" "], "x"), "x");
+        assert_eq!(append(&[] as &[&str], "x"), b"x");
+        assert_eq!(append(&[" "], "x"), b"x");
+        // The upstream's members pass byte for byte, obs-text included.
+        assert_eq!(append(&[&b"o; detail=\xff"[..]], "x"), b"o; detail=\xff, x");
     }
 }

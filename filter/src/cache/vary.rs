@@ -20,9 +20,11 @@ pub enum Vary {
 
 impl Vary {
     /// Parses every `Vary` field line.
-    pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vary {
+    pub fn parse<L: AsRef<[u8]>>(lines: impl IntoIterator<Item = L>) -> Vary {
         let mut names: Vec<String> = Vec::new();
         for line in lines {
+            // Names are tokens: a non-UTF-8 byte becomes U+FFFD, which is not one.
+            let line = crate::field::text(line.as_ref());
             for name in line.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                 if name == "*" {
                     return Vary::Star;
@@ -53,9 +55,12 @@ fn is_tchar(b: u8) -> bool {
 /// §4.1 allows normalising values "in a way that is known to have identical semantics": lines
 /// of one field are joined with `,` and whitespace around list commas is removed. An absent
 /// field only matches an absent field, so it is encoded differently from an empty one.
-pub fn secondary_key<'a, F>(names: &[String], mut request_header: F) -> String
+/// Values are bytes: anything outside printable ASCII (and `%`) is written as `%XX`, so two
+/// requests whose values differ in any byte never share a variant.
+pub fn secondary_key<F, V>(names: &[String], mut request_header: F) -> String
 where
-    F: FnMut(&str) -> Vec<&'a str>,
+    F: FnMut(&str) -> Vec<V>,
+    V: AsRef<[u8]>,
 {
     let mut out = String::new();
     for name in names {
@@ -67,18 +72,39 @@ where
         }
         out.push(':');
         let mut first = true;
-        for v in values {
-            for item in v.split(',') {
+        for v in &values {
+            for item in v.as_ref().split(|&b| b == b',') {
                 if !first {
                     out.push(',');
                 }
                 first = false;
-                out.push_str(item.trim_matches([' ', '\t']));
+                push_escaped(&mut out, trim_ows(item));
             }
         }
         out.push('\n');
     }
     out
+}
+
+/// Optional whitespace (RFC 9110 §5.6.3) off both ends.
+fn trim_ows(b: &[u8]) -> &[u8] {
+    let ows = |c: &u8| *c == b' ' || *c == b'\t';
+    let start = b.iter().position(|c| !ows(c)).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !ows(c)).map_or(start, |i| i + 1);
+    b.get(start..end).unwrap_or_default()
+}
+
+fn push_escaped(out: &mut String, b: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &c in b {
+        if (0x20..0x7f).contains(&c) && c != b'%' {
+            out.push(char::from(c));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(c >> 4)]));
+            out.push(char::from(HEX[usize::from(c & 0xf)]));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -121,11 +147,31 @@ mod tests {
     }
 
     #[test]
+    fn values_differing_in_any_byte_select_different_variants() {
+        let names = vec!["accept-language".to_string()];
+        let key = |v: &'static [u8]| secondary_key(&names, |_| vec![v]);
+        assert_ne!(key(b"\xfe"), key(b"\xff"));
+        assert_ne!(key(b"%FF"), key(b"\xff"));
+        // A value cannot forge the next name's line.
+        let two = vec!["a".to_string(), "b".to_string()];
+        let forged = secondary_key(&two, |n| {
+            if n == "a" {
+                vec![&b"x\nb:y"[..]]
+            } else {
+                vec![]
+            }
+        });
+        let real = secondary_key(&two, |n| vec![if n == "a" { &b"x"[..] } else { &b"y"[..] }]);
+        assert_ne!(forged, real);
+        assert_eq!(key(b" \xe9 "), "accept-language:%E9\n");
+    }
+
+    #[test]
     fn absent_differs_from_empty() {
         // RFC 9111 §4.1: an absent field only matches an absent field.
         let names = vec!["x".to_string()];
         assert_ne!(
-            secondary_key(&names, |_| vec![]),
+            secondary_key(&names, |_| Vec::<&str>::new()),
             secondary_key(&names, |_| vec![""])
         );
     }

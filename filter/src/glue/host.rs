@@ -1,27 +1,21 @@
 //! Host services: shared data, time and metrics, over the SDK's host calls.
 
+use super::abi::{self, HostError, MetricKind};
 use crate::cache::store::{SetError, SharedData};
 use crate::metrics::{self as names, CacheResult, STATUS_CLASSES};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MetricType, Status};
-use std::time::UNIX_EPOCH;
 
 /// Proxy-Wasm shared data (one map per `vm_id`, shared by all workers).
 pub struct HostShared;
 
 impl SharedData for HostShared {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(v), cas)) => Some((v, cas.unwrap_or(0))),
-            _ => None,
-        }
+        abi::shared_get(key)
     }
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-        let cas = (cas != 0).then_some(cas);
-        match hostcalls::set_shared_data(key, Some(value), cas) {
+        match abi::shared_set(key, value, cas) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(HostError::CAS_MISMATCH) => Err(SetError::CasMismatch),
             Err(_) => Err(SetError::Host),
         }
     }
@@ -29,18 +23,12 @@ impl SharedData for HostShared {
 
 /// Wall-clock time in Unix milliseconds, from the host.
 pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
+    abi::now_ns() / 1_000_000
 }
 
 /// Wall-clock time in Unix microseconds, for timing the filter's own callbacks.
 pub fn now_us() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_micros() as u64)
+    abi::now_ns() / 1_000
 }
 
 /// Metric ids, defined once per VM. Id 0 means "not defined" and is skipped.
@@ -63,8 +51,8 @@ pub struct Metrics {
     pub cpu_us: u32,
 }
 
-fn define(t: MetricType, name: &str) -> u32 {
-    hostcalls::define_metric(t, name).unwrap_or(0)
+fn define(t: MetricKind, name: &str) -> u32 {
+    abi::define_metric(t, name).unwrap_or(0)
 }
 
 impl Metrics {
@@ -74,18 +62,18 @@ impl Metrics {
         let mut requests = [[0; STATUS_CLASSES.len()]; CacheResult::ALL.len()];
         for (i, r) in CacheResult::ALL.iter().enumerate() {
             for (j, c) in STATUS_CLASSES.iter().enumerate() {
-                requests[i][j] = define(MetricType::Counter, &names::requests_name(*r, c));
+                requests[i][j] = define(MetricKind::Counter, &names::requests_name(*r, c));
             }
         }
         let mut health = [[0; 3]; 2];
         for (i, p) in ["liveness", "readiness"].iter().enumerate() {
             for (j, s) in ["pass", "warn", "fail"].iter().enumerate() {
-                health[i][j] = define(MetricType::Counter, &names::health_name(p, s));
+                health[i][j] = define(MetricKind::Counter, &names::health_name(p, s));
             }
         }
         let purges =
-            names::PURGE_RESULTS.map(|r| define(MetricType::Counter, &names::purges_name(r)));
-        use MetricType::{Counter, Gauge, Histogram};
+            names::PURGE_RESULTS.map(|r| define(MetricKind::Counter, &names::purges_name(r)));
+        use MetricKind::{Counter, Gauge, Histogram};
         Metrics {
             requests,
             health,
@@ -109,14 +97,14 @@ impl Metrics {
     /// Adds `n` to a counter.
     pub fn add(&self, id: u32, n: u64) {
         if id != 0 && n > 0 {
-            let _ = hostcalls::increment_metric(id, n.min(i64::MAX as u64) as i64);
+            abi::increment_metric(id, n.min(i64::MAX as u64) as i64);
         }
     }
 
     /// Sets a gauge or records a histogram sample.
     pub fn record(&self, id: u32, v: u64) {
         if id != 0 {
-            let _ = hostcalls::record_metric(id, v);
+            abi::record_metric(id, v);
         }
     }
 

@@ -2,27 +2,28 @@
 //! replies, revalidation and stale serving, and capture of forwarded responses while they
 //! stream to the client.
 
+use super::abi::{self, Buffer, Map};
 use super::host::{now_ms, now_us};
 use super::root::{self, Pending, RefreshJob, State, Waiter, READY_KEY};
 use crate::cache::cache_control::CacheControl;
 use crate::cache::conditional::{self, Evaluation};
 use crate::cache::entry::{self, EntryView, ResponseView};
+use crate::cache::freshness;
 use crate::cache::key::CacheKey;
 use crate::cache::lookup::{self, Found, Hit};
 use crate::cache::policy::{
-    self, Forward, Headers, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
+    self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
 use crate::cache::status::{self, CacheStatus};
 use crate::config::CacheConfig;
+use crate::field::{first, text, values, OwnedFields};
 use crate::health::{self, Probe, UpstreamCheck};
 use crate::metrics::CacheResult;
 use log::debug;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 
 /// A request the cache looked up, kept for the response phase.
 struct Lookup {
@@ -30,7 +31,7 @@ struct Lookup {
     head: bool,
     policy: RequestPolicy,
     /// Request headers, for the secondary key of a response that has `Vary`.
-    headers: Vec<(String, String)>,
+    headers: OwnedFields,
     /// The Vary names of the marker found at lookup time, if any.
     names: Option<Vec<String>>,
     sent_ms: u64,
@@ -119,17 +120,20 @@ impl Http {
         self.started_us / 1000
     }
 
-    fn request_key(headers: &Headers, path: &str) -> Result<CacheKey, crate::cache::key::KeyError> {
-        let scheme = first(headers, ":scheme").unwrap_or("http");
+    fn request_key(
+        headers: &OwnedFields,
+        path: &[u8],
+    ) -> Result<CacheKey, crate::cache::key::KeyError> {
+        let scheme = first(headers, ":scheme").unwrap_or(b"http");
         let authority = first(headers, ":authority").unwrap_or_default();
         CacheKey::new(scheme, authority, path)
     }
 
-    fn reply(&mut self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) -> Action {
+    fn reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) -> Action {
         self.local_reply = true;
         self.status = status;
         // The host only refuses when the stream is already gone: nothing left to answer.
-        let _ = hostcalls::send_http_response(status, headers, Some(body));
+        let _ = abi::send_response(status, headers, body);
         Action::Pause
     }
 
@@ -141,14 +145,17 @@ impl Http {
         };
         // One host call for the whole map: the pseudo-headers are in it, and a lookup
         // needs the rest anyway (a hit's largest fixed cost is host calls).
-        let headers = self.get_http_request_headers();
-        let method = first(&headers, ":method").unwrap_or_default().to_string();
-        let path = first(&headers, ":path").unwrap_or_default().to_string();
-        let path_only = path.split('?').next().unwrap_or("");
+        // Bytes from here on: a header may carry any byte a proxy passes (RFC 9110 §5.5).
+        let headers = abi::header_map(Map::Request);
+        // A method is a token; a non-UTF-8 one is just an unknown method.
+        let method = text(first(&headers, ":method").unwrap_or_default()).into_owned();
+        let path = first(&headers, ":path").unwrap_or_default().to_vec();
+        let path_only = path.split(|&b| b == b'?').next().unwrap_or_default();
         let is_read = method == "GET" || method == "HEAD";
         let h = &state.config.health;
-        if is_read && (path_only == h.liveness_path || path_only == h.readiness_path) {
-            let probe = if path_only == h.liveness_path {
+        let is = |p: &str| path_only == p.as_bytes();
+        if is_read && (is(&h.liveness_path) || is(&h.readiness_path)) {
+            let probe = if is(&h.liveness_path) {
                 Probe::Liveness
             } else {
                 Probe::Readiness
@@ -207,7 +214,7 @@ impl Http {
         // RFC 9111 §5.2.1.7: only-if-cached with nothing usable is a 504.
         if lookup.policy.cc.only_if_cached {
             let cs = member(state, &self.forward_status(None), Some(&lookup.key));
-            return self.reply(504, vec![("cache-status", &cs)], b"");
+            return self.reply(504, &[("cache-status", &cs)], b"");
         }
         let action = self.coalesce(state, &lookup, now);
         self.lookup = Some(lookup);
@@ -260,7 +267,7 @@ impl Http {
                     });
                     state.pending.insert(key.to_string(), p);
                     self.role = Role::Waiter(lookup.key.clone());
-                    let _ = hostcalls::set_tick_period(Duration::from_millis(root::REMOTE_POLL_MS));
+                    abi::set_tick_period_ms(root::REMOTE_POLL_MS);
                     return Action::Pause;
                 }
                 p.remote = false;
@@ -284,7 +291,7 @@ impl Http {
         p.leader_status = self.status as u16;
         super::root::answer_waiters(state, p, now_ms());
         // Host calls after this must act on this stream again.
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = abi::set_effective_context(self.id);
     }
 
     /// Serves `hit` when the request may reuse it (fresh, or stale-while-revalidate);
@@ -316,8 +323,7 @@ impl Http {
                 self.fwd = f;
                 if f == Forward::Stale {
                     self.result = CacheResult::Stale;
-                    let cc =
-                        CacheControl::parse(policy::header_values(&r.headers, "cache-control"));
+                    let cc = CacheControl::parse(values(&r.headers, "cache-control"));
                     let swr = StaleReason::WhileRevalidate;
                     if let Some(ttl) =
                         policy::stale_allowed(&r.meta, &cc, &lookup.policy, now_s, swr, 0)
@@ -338,8 +344,9 @@ impl Http {
         let may_validate = !lookup.policy.authorization || r.meta.has(entry::flags::AUTH_OK);
         if may_validate && !conditional::is_conditional(&lookup.headers) {
             for (name, value) in conditional::validators(&r.headers) {
-                self.set_http_request_header(name, Some(value));
-                lookup.validated = true;
+                if abi::set_header(Map::Request, name, value).is_ok() {
+                    lookup.validated = true;
+                }
             }
         }
         lookup.stale = Some(hit.clone());
@@ -384,26 +391,35 @@ impl Http {
         if !root::try_lock(&lock, held, until.to_string().as_bytes()) {
             return;
         }
-        let cluster = self
-            .get_property(vec!["cluster_name"])
+        let cluster = abi::property(&["cluster_name"])
             .and_then(|b| String::from_utf8(b).ok())
             .filter(|c| !c.is_empty())
             .unwrap_or_else(|| state.config.health.upstream_cluster.clone());
+        // The SDK's call takes text: a header that is not UTF-8 is left out, and the
+        // answer is stored under the variant of the headers actually sent.
+        let as_text = |(n, v): (&[u8], &[u8])| {
+            Some((
+                std::str::from_utf8(n).ok()?.to_string(),
+                std::str::from_utf8(v).ok()?.to_string(),
+            ))
+        };
         let mut headers: Vec<(String, String)> = lookup
             .headers
             .iter()
             .filter(|(n, _)| {
                 !matches!(
-                    n.as_str(),
-                    ":method" | "content-length" | "transfer-encoding" | "connection"
-                ) && !n.starts_with("if-")
+                    n.as_slice(),
+                    b":method" | b"content-length" | b"transfer-encoding" | b"connection"
+                ) && !n.starts_with(b"if-")
             })
-            .cloned()
+            .filter_map(|(n, v)| as_text((n, v)))
             .collect();
         headers.push((":method".into(), "GET".into()));
-        for (n, v) in conditional::validators(&r.headers) {
-            headers.push((n.to_string(), v.to_string()));
-        }
+        headers.extend(
+            conditional::validators(&r.headers)
+                .into_iter()
+                .filter_map(|(n, v)| as_text((n.as_bytes(), v))),
+        );
         state.refresh.push(RefreshJob {
             key: lookup.key.clone(),
             names: hit.names.clone(),
@@ -412,7 +428,7 @@ impl Http {
             lock,
         });
         // Wake the root context now instead of at its next regular tick.
-        let _ = hostcalls::set_tick_period(Duration::from_millis(1));
+        abi::set_tick_period_ms(1);
     }
 
     fn forward_status(&self, fwd_status: Option<u16>) -> CacheStatus {
@@ -430,10 +446,7 @@ impl Http {
         self.probe = true;
         let now = self.now_ms();
         let _ = state.store.refresh();
-        let check = hostcalls::get_shared_data(READY_KEY)
-            .ok()
-            .and_then(|(v, _)| v)
-            .and_then(|v| UpstreamCheck::decode(&v));
+        let check = abi::shared_get(READY_KEY).and_then(|(v, _)| UpstreamCheck::decode(&v));
         let release = crate::release_id();
         let c = &state.config;
         let inputs = health::Inputs {
@@ -454,44 +467,34 @@ impl Http {
             Probe::Readiness => health::readiness(&inputs),
         };
         state.metrics.health(probe as usize, doc.status);
-        let headers = vec![
+        let headers = [
             ("content-type", health::CONTENT_TYPE),
             ("cache-control", "no-store"),
         ];
-        self.reply(doc.status.http_status(), headers, doc.body.as_bytes())
+        self.reply(doc.status.http_status(), &headers, doc.body.as_bytes())
     }
 
     /// A purge: the target URL and all its variants, or every URL under a prefix when the
     /// path ends with `*`. Only with the configured token; anyone else gets 403 and nothing
     /// is touched.
-    fn purge(&mut self, state: &mut State, path: &str, headers: &Headers) -> Action {
+    fn purge(&mut self, state: &mut State, path: &[u8], headers: &OwnedFields) -> Action {
         let p = &state.config.purge;
-        let token = self
-            .get_http_request_header_bytes(&p.token_header)
-            .unwrap_or_default();
+        let token = abi::header(Map::Request, &p.token_header).unwrap_or_default();
         let json = [
             ("content-type", "application/json"),
             ("cache-control", "no-store"),
         ];
         if !p.token_matches(&token) {
             state.metrics.purge("denied");
-            return self.reply(
-                403,
-                json.to_vec(),
-                b"{\"purged\":0,\"error\":\"forbidden\"}\n",
-            );
+            return self.reply(403, &json, b"{\"purged\":0,\"error\":\"forbidden\"}\n");
         }
-        let (target, prefix) = match path.strip_suffix('*') {
+        let (target, prefix) = match path.strip_suffix(b"*") {
             Some(t) => (t, true),
             None => (path, false),
         };
         let Ok(key) = Self::request_key(headers, target) else {
             state.metrics.purge("error");
-            return self.reply(
-                400,
-                json.to_vec(),
-                b"{\"purged\":0,\"error\":\"bad target\"}\n",
-            );
+            return self.reply(400, &json, b"{\"purged\":0,\"error\":\"bad target\"}\n");
         };
         let removed = if prefix {
             // The key of `/a*` minus the `*` is `.../a`: everything whose key starts there.
@@ -507,16 +510,12 @@ impl Http {
                     .metrics
                     .purge(if n > 0 { "purged" } else { "not_found" });
                 let body = format!("{{\"purged\":{n}}}\n");
-                self.reply(
-                    if n > 0 { 200 } else { 404 },
-                    json.to_vec(),
-                    body.as_bytes(),
-                )
+                self.reply(if n > 0 { 200 } else { 404 }, &json, body.as_bytes())
             }
             Err(e) => {
                 state.metrics.purge("error");
                 let body = format!("{{\"purged\":0,\"error\":\"{e}\"}}\n");
-                self.reply(503, json.to_vec(), body.as_bytes())
+                self.reply(503, &json, body.as_bytes())
             }
         }
     }
@@ -540,10 +539,9 @@ impl Http {
                 return Action::Continue;
             }
         }
-        let headers = self.get_http_response_headers();
-        self.status = policy::values(&headers, ":status")
-            .first()
-            .and_then(|s| s.parse().ok())
+        let headers = abi::header_map(Map::Response);
+        self.status = first(&headers, ":status")
+            .and_then(|s| text(s).parse().ok())
             .unwrap_or(0);
         let status = self.status as u16;
         let now = self.now_ms();
@@ -567,8 +565,9 @@ impl Http {
         if state.config.cache.cache_status {
             let key = self.lookup.as_ref().map(|l| &l.key);
             let ours = member(state, &self.forward_status(Some(status)), key);
-            let existing = policy::values(&headers, "cache-status");
-            self.set_http_response_header("cache-status", Some(&status::append(&existing, &ours)));
+            let existing = values(&headers, "cache-status");
+            let value = status::append(&existing, &ours);
+            let _ = abi::set_header(Map::Response, "cache-status", &value);
         }
         if self.capture.is_none() {
             // Nothing will be stored: waiters need not wait for the body.
@@ -600,7 +599,7 @@ impl Http {
         &mut self,
         state: &mut State,
         l: &mut Lookup,
-        headers: &[(String, String)],
+        headers: &OwnedFields,
         now: u64,
     ) -> Option<Action> {
         let status = self.status as u16;
@@ -613,8 +612,7 @@ impl Http {
         if let Some(hit) = l.stale.clone() {
             if status >= 500 {
                 if let Ok(EntryView::Response(r)) = entry::decode(&hit.value) {
-                    let cc =
-                        CacheControl::parse(policy::header_values(&r.headers, "cache-control"));
+                    let cc = CacheControl::parse(values(&r.headers, "cache-control"));
                     let grace = state.config.cache.stale_if_error_grace_secs;
                     let sie = StaleReason::IfError;
                     if let Some(ttl) =
@@ -657,35 +655,58 @@ impl Http {
 
     /// RFC 9111 §4.3.3-4: a 304 for the stored response freshens it; the client then gets
     /// the stored response (it asked unconditionally) or the 304 (it asked conditionally).
+    ///
+    /// A 304 to validators the filter added is never the client's answer, even when the
+    /// freshened response cannot be stored (HEAD, request `no-store`, a full store, a 304
+    /// that does not select the entry): the client gets the stored response, its headers
+    /// updated in memory when the 304 selects it.
     fn revalidated(
         &mut self,
         state: &mut State,
         l: &Lookup,
         hit: &Hit,
-        not_modified: &[(String, String)],
+        not_modified: &OwnedFields,
         now: u64,
     ) -> Option<Action> {
         let ctx = Self::store_context(&state.config.cache, l, now);
-        let value = lookup::freshen(&mut state.store, &l.key, hit, not_modified, &ctx)?;
-        state.metrics.add(state.metrics.stores, 1);
-        state.publish_usage();
-        self.stored = true;
+        let stored = lookup::freshen(&mut state.store, &l.key, hit, not_modified, &ctx);
         self.result = CacheResult::Stale;
+        if stored.is_some() {
+            state.metrics.add(state.metrics.stores, 1);
+            state.publish_usage();
+            self.stored = true;
+        }
         if !l.validated {
             // The client's own precondition: its 304 passes through.
             return None;
         }
-        let Ok(EntryView::Response(r)) = entry::decode(&value) else {
+        let value = stored.as_ref().unwrap_or(&hit.value);
+        let Ok(EntryView::Response(mut r)) = entry::decode(value) else {
             return None;
         };
         let now_s = now / 1000;
-        let age = entry_age(&r, now_s);
+        let merged;
+        let age = if stored.is_some() {
+            entry_age(&r, now_s)
+        } else {
+            if conditional::selects(not_modified, &r.headers) {
+                merged = policy::freshen(&r.headers, not_modified);
+                r.headers = merged.iter().map(|(n, v)| (&n[..], &v[..])).collect();
+            }
+            // §4.2.3 for the response just validated: its age as of now.
+            let date = freshness::single_date(&values(not_modified, "date"));
+            let age_value = freshness::age_value(&values(not_modified, "age"));
+            freshness::corrected_initial_age(date, age_value, l.sent_ms / 1000, now_s)
+        };
+        let ttl = stored
+            .is_some()
+            .then(|| i64::from(r.meta.lifetime) - age as i64);
         let cs = CacheStatus::Forward {
             fwd: self.fwd,
             fwd_status: Some(304),
-            stored: true,
+            stored: stored.is_some(),
             collapsed: false,
-            ttl: Some(i64::from(r.meta.lifetime) - age as i64),
+            ttl,
             detail: None,
         };
         Some(self.serve(state, l, &r, age, cs, false))
@@ -710,9 +731,7 @@ impl Http {
                 self.detail = Some(NotStored::TooLarge.as_str());
                 self.result = CacheResult::Uncacheable;
             } else if body_size > 0 {
-                let chunk = self
-                    .get_http_response_body(0, body_size)
-                    .unwrap_or_default();
+                let chunk = abi::buffer(Buffer::ResponseBody, 0, body_size).unwrap_or_default();
                 if let Some(c) = &mut self.capture {
                     c.body.extend_from_slice(&chunk);
                 }
@@ -812,10 +831,10 @@ pub fn send_stored(
     } else {
         r.headers.clone()
     };
-    headers.push(("age", &age));
+    headers.push((b"age", age.as_bytes()));
     let cs = member(state, cs, key);
     if state.config.cache.cache_status {
-        headers.push(("cache-status", &cs));
+        headers.push((b"cache-status", cs.as_bytes()));
     }
     let (status, body) = if not_modified {
         (304, &b""[..])
@@ -828,13 +847,8 @@ pub fn send_stored(
             .add(state.metrics.served_bytes, body.len() as u64);
     }
     // The host refuses only when the stream is already gone: nothing left to answer.
-    let _ = hostcalls::send_http_response(status, headers, Some(body));
+    let _ = abi::send_response(status, &headers, body);
     status
-}
-
-/// The first value of `name` (lower-case, as hosts give header names) in `h`.
-fn first<'a>(h: &'a Headers, name: &str) -> Option<&'a str> {
-    h.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
 }
 
 /// This cache's `Cache-Status` member, with the key when debugging is configured.
@@ -890,8 +904,7 @@ impl HttpContext for Http {
         }
         if self.status == 0 {
             // Reset before a response: ask the host what the client got.
-            self.status = self
-                .get_property(vec!["response", "code"])
+            self.status = abi::property(&["response", "code"])
                 .and_then(|b| {
                     b.get(..8)
                         .and_then(|b| b.try_into().ok())

@@ -1,5 +1,6 @@
 //! The Proxy-Wasm glue: moves headers and bytes between the host and the pure modules.
 
+mod abi;
 mod host;
 mod http;
 mod root;

@@ -1,6 +1,7 @@
 //! The root context: configuration, the tick (LRU flush, gauges, readiness checks) and the
 //! readiness check's HTTP call.
 
+use super::abi::{self, Buffer, Map};
 use super::host::{now_ms, HostShared, Metrics};
 use super::http::Http;
 use crate::cache::conditional;
@@ -11,6 +12,7 @@ use crate::cache::policy::{self, Forward, RequestPolicy, Reuse, StoreContext};
 use crate::cache::status::CacheStatus;
 use crate::cache::store::{Limits, Store};
 use crate::config::Config;
+use crate::field::{first, text, OwnedFields};
 use crate::health::UpstreamCheck;
 use hashbrown::{HashMap, HashSet};
 use log::{debug, error, warn};
@@ -52,7 +54,7 @@ pub struct Waiter {
     pub id: u32,
     pub since_ms: u64,
     pub head: bool,
-    pub headers: Vec<(String, String)>,
+    pub headers: OwnedFields,
 }
 
 /// The requests waiting on one leader, by URL.
@@ -153,7 +155,7 @@ impl Root {
         let remaining = s.pending.values().any(|p| p.remote);
         drop(guard);
         if !keys.is_empty() {
-            let _ = proxy_wasm::hostcalls::set_effective_context(self.id);
+            let _ = abi::set_effective_context(self.id);
         }
         remaining
     }
@@ -178,12 +180,12 @@ impl Root {
             out
         };
         for id in &expired {
-            if proxy_wasm::hostcalls::set_effective_context(*id).is_ok() {
-                let _ = proxy_wasm::hostcalls::resume_http_request();
+            if abi::set_effective_context(*id).is_ok() {
+                let _ = abi::resume_request();
             }
         }
         if !expired.is_empty() {
-            let _ = proxy_wasm::hostcalls::set_effective_context(self.id);
+            let _ = abi::set_effective_context(self.id);
         }
     }
 
@@ -219,10 +221,9 @@ impl Root {
     /// A background refresh answered: store a new response, or freshen on 304.
     fn refreshed(&mut self, job: RefreshJob, sent: u64, body_size: usize) {
         release_lock(&job.lock);
-        let headers = self.get_http_call_response_headers();
-        let status: u16 = policy::values(&headers, ":status")
-            .first()
-            .and_then(|s| s.parse().ok())
+        let headers = abi::header_map(Map::CallResponse);
+        let status: u16 = first(&headers, ":status")
+            .and_then(|s| text(s).parse().ok())
             .unwrap_or(0);
         let now = now_ms();
         let mut guard = self.state.borrow_mut();
@@ -254,9 +255,7 @@ impl Root {
             if body_size as u64 > c.max_entry_bytes {
                 return;
             }
-            let body = self
-                .get_http_call_response_body(0, body_size)
-                .unwrap_or_default();
+            let body = abi::buffer(Buffer::CallResponseBody, 0, body_size).unwrap_or_default();
             if policy::content_length(&headers).is_some_and(|l| l != body.len() as u64) {
                 return;
             }
@@ -321,7 +320,7 @@ impl Root {
         if let Some(m) = &self.metrics {
             m.record(m.upstream_ready, u64::from(check.ok));
         }
-        let _ = proxy_wasm::hostcalls::set_shared_data(READY_KEY, Some(&check.encode()), None);
+        let _ = abi::shared_set(READY_KEY, &check.encode(), 0);
     }
 }
 
@@ -339,7 +338,7 @@ impl Context for Root {
         }
         self.in_flight = None;
         let now = now_ms();
-        let status = self.get_http_call_response_header(":status");
+        let status = abi::header(Map::CallResponse, ":status").map(|s| text(&s).into_owned());
         let ok = status
             .as_deref()
             .and_then(|s| s.parse::<u16>().ok())
@@ -408,7 +407,7 @@ impl RootContext for Root {
         *self.state.borrow_mut() = Some(state);
         self.next_check_ms = 0;
         self.tick_ms = tick;
-        self.set_tick_period(Duration::from_millis(tick));
+        abi::set_tick_period_ms(tick);
         true
     }
 
@@ -423,7 +422,7 @@ impl RootContext for Root {
         } else {
             self.tick_ms
         };
-        self.set_tick_period(Duration::from_millis(period));
+        abi::set_tick_period_ms(period);
         let (period, timeout) = {
             let mut guard = self.state.borrow_mut();
             let Some(s) = guard.as_mut() else { return };
@@ -454,10 +453,8 @@ impl RootContext for Root {
             self.next_check_ms = now + period;
             // Every worker has a timer, but one check per period is enough for all of them:
             // skip when another worker's result is recent.
-            let recent = proxy_wasm::hostcalls::get_shared_data(READY_KEY)
-                .ok()
-                .and_then(|(v, _)| v)
-                .and_then(|v| UpstreamCheck::decode(&v))
+            let recent = abi::shared_get(READY_KEY)
+                .and_then(|(v, _)| UpstreamCheck::decode(&v))
                 .is_some_and(|c| now.saturating_sub(c.at_ms) < period / 2);
             if !recent {
                 self.check_upstream(now);
@@ -475,7 +472,7 @@ impl RootContext for Root {
 }
 
 fn release_lock(lock: &str) {
-    let _ = proxy_wasm::hostcalls::set_shared_data(lock, Some(b"0"), None);
+    let _ = abi::shared_set(lock, b"0", 0);
 }
 
 /// Answers each waiter of a settled leader: from the cache when the stored response fits
@@ -483,14 +480,14 @@ fn release_lock(lock: &str) {
 /// waiter: the caller restores its own.
 pub fn answer_waiters(state: &mut State, p: Pending, now: u64) {
     for w in &p.waiters {
-        if proxy_wasm::hostcalls::set_effective_context(w.id).is_err() {
+        if abi::set_effective_context(w.id).is_err() {
             continue;
         }
         if serve_waiter(state, &p, w, now) {
             state.collapsed.insert(w.id);
             state.metrics.add(state.metrics.coalesced, 1);
         } else {
-            let _ = proxy_wasm::hostcalls::resume_http_request();
+            let _ = abi::resume_request();
         }
     }
 }
@@ -530,10 +527,8 @@ pub fn flight_key(hash: u64) -> String {
 
 /// Whether another request (in any worker) is fetching `hash` now.
 pub fn flight_held(hash: u64, now: u64) -> bool {
-    proxy_wasm::hostcalls::get_shared_data(&flight_key(hash))
-        .ok()
-        .and_then(|(v, _)| v)
-        .and_then(|v| parse_flight(&v))
+    abi::shared_get(&flight_key(hash))
+        .and_then(|(v, _)| parse_flight(&v))
         .is_some_and(|(until, h)| h == hash && until > now)
 }
 
@@ -557,19 +552,19 @@ pub fn flight_acquire(hash: u64, now: u64, until: u64) -> bool {
 /// value is a live lock. A missing key is created first, because Envoy checks a CAS only on
 /// keys that exist: without that, two workers could both take a new lock.
 pub fn try_lock(key: &str, held: impl Fn(&[u8]) -> bool, value: &[u8]) -> bool {
-    use proxy_wasm::hostcalls::{get_shared_data, set_shared_data};
     for _ in 0..2 {
-        match get_shared_data(key) {
-            Ok((v, Some(cas))) => {
-                if held(v.as_deref().unwrap_or_default()) {
+        match abi::shared_get(key) {
+            // A CAS of 0 would write unconditionally: only a real token guards the lock.
+            Some((v, cas)) if cas != 0 => {
+                if held(&v) {
                     return false;
                 }
-                return set_shared_data(key, Some(value), Some(cas)).is_ok();
+                return abi::shared_set(key, value, cas).is_ok();
             }
-            Ok((_, None)) => {
-                let _ = set_shared_data(key, Some(b"0"), None);
+            Some(_) => return false,
+            None => {
+                let _ = abi::shared_set(key, b"0", 0);
             }
-            Err(_) => return false,
         }
     }
     false
@@ -578,9 +573,9 @@ pub fn try_lock(key: &str, held: impl Fn(&[u8]) -> bool, value: &[u8]) -> bool {
 /// Clears the marker of `hash` if it is still ours.
 pub fn flight_release(hash: u64) {
     let key = flight_key(hash);
-    if let Ok((Some(v), cas)) = proxy_wasm::hostcalls::get_shared_data(&key) {
-        if parse_flight(&v).is_some_and(|(_, h)| h == hash) {
-            let _ = proxy_wasm::hostcalls::set_shared_data(&key, Some(b"0:0"), cas);
+    if let Some((v, cas)) = abi::shared_get(&key) {
+        if cas != 0 && parse_flight(&v).is_some_and(|(_, h)| h == hash) {
+            let _ = abi::shared_set(&key, b"0:0", cas);
         }
     }
 }
