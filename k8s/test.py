@@ -474,6 +474,29 @@ def t_pinned():
     check(not problems, "\n  ".join(problems))
 
 
+@test("a trap reloads the VM: failure_policy FAIL_RELOAD in every Envoy config, failStrategy in both WasmPlugins")
+def t_failure_policy():
+    # FAIL_OPEN would run a worker without cache and health endpoints until a restart,
+    # FAIL_CLOSED would answer 503 until then (monitoring/README.md, "What the rules read").
+    problems, seen = [], 0
+    for target, d in all_docs():
+        if d["kind"] == "WasmPlugin":
+            seen += 1
+            if d["spec"].get("failStrategy") != "FAIL_RELOAD":
+                problems.append(f"{target}: WasmPlugin {d['metadata']['namespace']}: {d['spec'].get('failStrategy')}")
+        if d["kind"] != "ConfigMap":
+            continue
+        for key, doc in embedded_configs(d):
+            for path, v in leaves(doc):
+                if path.endswith(".typed_config.@type") and v.endswith("filters.http.wasm.v3.Wasm"):
+                    seen += 1
+                    policy = next((x for p, x in leaves(doc) if p == path.replace("@type", "config.failure_policy")), None)
+                    if policy != "FAIL_RELOAD":
+                        problems.append(f"{target}: {d['metadata']['name']} {key} {path}: failure_policy {policy}")
+    check(seen >= 2 + len(TARGETS) - 1, f"found only {seen} Wasm filters and WasmPlugins")
+    check(not problems, "\n  ".join(problems))
+
+
 @test("plugin configs (ConfigMap, both WasmPlugins) pass the filter's own config parser")
 def t_plugin_configs():
     with tempfile.TemporaryDirectory() as tmp:
