@@ -7,11 +7,29 @@
 
 pub mod cache;
 pub mod config;
+#[cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::string_slice,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic
+    )
+)]
 pub mod field;
 pub mod health;
 pub mod metrics;
 
+// The glue handles every byte from the client and the upstream: no panics there either.
 #[cfg(target_arch = "wasm32")]
+#[deny(
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 mod glue;
 
 /// The crate version, reported as `version` in health documents.

@@ -188,11 +188,9 @@ impl<'a> Value<'a> {
     /// The value with quotes removed; `\x` escapes are rare here and kept as the bare char.
     fn as_str(&self) -> &'a str {
         let r = self.raw;
-        if r.len() >= 2 && r.starts_with('"') && r.ends_with('"') {
-            &r[1..r.len() - 1]
-        } else {
-            r
-        }
+        r.strip_prefix('"')
+            .and_then(|q| q.strip_suffix('"'))
+            .unwrap_or(r)
     }
 }
 
@@ -218,28 +216,26 @@ impl<'a> Iterator for Directives<'a> {
                 return None;
             }
             // Find the end of this item: a comma outside quotes.
-            let bytes = s.as_bytes();
-            let mut i = 0;
+            let mut end = s.len();
             let mut in_quotes = false;
-            while i < bytes.len() {
-                match bytes[i] {
-                    b'\\' if in_quotes => i += 1,
-                    b'"' => in_quotes = !in_quotes,
-                    b',' if !in_quotes => break,
+            let mut escaped = false;
+            for (i, c) in s.char_indices() {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' if in_quotes => escaped = true,
+                    '"' => in_quotes = !in_quotes,
+                    ',' if !in_quotes => {
+                        end = i;
+                        break;
+                    }
                     _ => {}
                 }
-                i += 1;
             }
-            let end = i.min(bytes.len());
-            let item = &s[..end];
-            self.rest = &s[end..];
-            let (name, value) = match item.find('=') {
-                Some(eq) => (
-                    item[..eq].trim(),
-                    Some(Value {
-                        raw: item[eq + 1..].trim(),
-                    }),
-                ),
+            // `end` is a char boundary: a comma's index, or the length.
+            let (item, rest) = s.split_at(end);
+            self.rest = rest;
+            let (name, value) = match item.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(Value { raw: v.trim() })),
                 None => (item.trim(), None),
             };
             if name.is_empty() {

@@ -303,7 +303,7 @@ impl<'a> Reader<'a> {
         if r.take(4)? != MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        let kind = r.take(4)?[0];
+        let kind = r.take(4)?.first().copied().unwrap_or_default();
         let generation = r.u32()?;
         Ok((r, kind, generation))
     }
@@ -316,7 +316,10 @@ impl<'a> Reader<'a> {
         if n > self.remaining() {
             return Err(DecodeError::Truncated);
         }
-        let s = &self.buf[self.pos..self.pos + n];
+        let s = self
+            .buf
+            .get(self.pos..self.pos + n)
+            .ok_or(DecodeError::Truncated)?;
         self.pos += n;
         Ok(s)
     }

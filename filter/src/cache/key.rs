@@ -131,20 +131,18 @@ fn push_authority(out: &mut Vec<u8>, scheme: &[u8], authority: &[u8]) -> Result<
         return Err(KeyError::Malformed);
     }
     // A port follows the last colon, unless that colon is inside an IPv6 literal.
-    let (host, port) = match authority.iter().rposition(|&b| b == b':') {
-        Some(c) if !authority[c..].contains(&b']') => (&authority[..c], Some(&authority[c + 1..])),
+    let colon = authority.iter().rposition(|&b| b == b':');
+    let (host, port) = match colon.map(|c| authority.split_at(c)) {
+        Some((h, p)) if !p.contains(&b']') => (h, p.strip_prefix(b":")),
         _ => (authority, None),
     };
-    let literal = host.starts_with(b"[") && host.ends_with(b"]");
     // RFC 9110 §4.2.1: an http(s) URI with an empty host is invalid; a colon or bracket in
-    // a host that is not one bracketed literal is not a host either.
-    if host.is_empty()
-        || (!literal && host.iter().any(|&b| matches!(b, b':' | b'[' | b']')))
-        || (literal
-            && host[1..host.len() - 1]
-                .iter()
-                .any(|&b| matches!(b, b'[' | b']')))
-    {
+    // a host that is not one bracketed IP literal is not a host either.
+    let bad = match host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
+        Some(literal) => literal.iter().any(|&b| matches!(b, b'[' | b']')),
+        None => host.is_empty() || host.iter().any(|&b| matches!(b, b':' | b'[' | b']')),
+    };
+    if bad {
         return Err(KeyError::Malformed);
     }
     out.extend(host.iter().map(u8::to_ascii_lowercase));

@@ -441,12 +441,9 @@ pub fn invalidation_targets<F: Field>(
                 (scheme.to_string(), authority.to_string(), v.to_string())
             } else {
                 // A relative reference merges with the base path (RFC 3986 §5.2.3).
-                let dir = &path[..path
-                    .split('?')
-                    .next()
-                    .unwrap_or("")
-                    .rfind('/')
-                    .map_or(0, |i| i + 1)];
+                let no_query = path.split('?').next().unwrap_or("");
+                let dir = no_query.rsplit_once('/').map_or("", |(d, _)| d);
+                let dir = format!("{dir}/");
                 (
                     scheme.to_string(),
                     authority.to_string(),
@@ -457,12 +454,13 @@ pub fn invalidation_targets<F: Field>(
             let p = if p.is_empty() { "/".to_string() } else { p };
             if let Ok(k) = CacheKey::new(&s, &a, &p) {
                 // Same origin only: another origin's entries are not this response's to drop.
-                let origin = |k: &str| {
-                    k.find('/')
-                        .and_then(|i| k[i + 2..].find('/').map(|j| i + 2 + j))
+                let origin = |k: &'_ str| -> Option<(String, String)> {
+                    let (s, rest) = k.split_once("://")?;
+                    let a = rest.split('/').next()?;
+                    Some((s.to_string(), a.to_string()))
                 };
                 let same = match (origin(k.as_str()), origin(base)) {
-                    (Some(x), Some(y)) => k.as_str()[..x] == base[..y],
+                    (Some(x), Some(y)) => x == y,
                     _ => false,
                 };
                 if same && !out.contains(&k) {

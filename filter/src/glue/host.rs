@@ -59,18 +59,12 @@ impl Metrics {
     /// Defines every metric, labelled ones for every label value, so that dashboards see
     /// zeros instead of missing series.
     pub fn define() -> Metrics {
-        let mut requests = [[0; STATUS_CLASSES.len()]; CacheResult::ALL.len()];
-        for (i, r) in CacheResult::ALL.iter().enumerate() {
-            for (j, c) in STATUS_CLASSES.iter().enumerate() {
-                requests[i][j] = define(MetricKind::Counter, &names::requests_name(*r, c));
-            }
-        }
-        let mut health = [[0; 3]; 2];
-        for (i, p) in ["liveness", "readiness"].iter().enumerate() {
-            for (j, s) in ["pass", "warn", "fail"].iter().enumerate() {
-                health[i][j] = define(MetricKind::Counter, &names::health_name(p, s));
-            }
-        }
+        let requests = CacheResult::ALL.map(|r| {
+            STATUS_CLASSES.map(|c| define(MetricKind::Counter, &names::requests_name(r, c)))
+        });
+        let health = ["liveness", "readiness"].map(|p| {
+            ["pass", "warn", "fail"].map(|s| define(MetricKind::Counter, &names::health_name(p, s)))
+        });
         let purges =
             names::PURGE_RESULTS.map(|r| define(MetricKind::Counter, &names::purges_name(r)));
         use MetricKind::{Counter, Gauge, Histogram};
@@ -110,17 +104,21 @@ impl Metrics {
 
     /// Counts one request.
     pub fn request(&self, result: CacheResult, status: u32) {
-        let i = CacheResult::ALL
+        let id = CacheResult::ALL
             .iter()
             .position(|r| *r == result)
-            .unwrap_or(0);
-        self.add(self.requests[i][names::status_class(status)], 1);
+            .and_then(|i| self.requests.get(i))
+            .and_then(|row| row.get(names::status_class(status)));
+        if let Some(&id) = id {
+            self.add(id, 1);
+        }
     }
 
     /// Counts one purge request by its result label.
     pub fn purge(&self, result: &str) {
-        if let Some(i) = names::PURGE_RESULTS.iter().position(|r| *r == result) {
-            self.add(self.purges[i], 1);
+        let i = names::PURGE_RESULTS.iter().position(|r| *r == result);
+        if let Some(&id) = i.and_then(|i| self.purges.get(i)) {
+            self.add(id, 1);
         }
     }
 
