@@ -113,6 +113,8 @@ struct Dir {
     pending_trailers: Option<Pairs>,
     got_end: bool,
     out: Message,
+    // `out.headers` as bytes: `Headers` are strings, so obs-text would be lost there.
+    out_raw: Option<Pairs>,
 }
 
 impl Dir {
@@ -130,6 +132,7 @@ impl Dir {
             pending_trailers: None,
             got_end: false,
             out: Message::default(),
+            out_raw: None,
         }
     }
 }
@@ -328,7 +331,7 @@ impl VmData {
         if s.log_phase {
             return match t {
                 MapType::HttpRequestHeaders => Some(s.req.headers.clone()),
-                MapType::HttpResponseHeaders => s.resp.out.headers.as_ref().map(to_pairs),
+                MapType::HttpResponseHeaders => s.resp.out_raw.clone(),
                 MapType::HttpResponseTrailers => s.resp.out.trailers.as_ref().map(to_pairs),
                 _ => None,
             };
@@ -1451,6 +1454,7 @@ impl Vm {
             trailers: None,
             complete: true,
         };
+        s.resp.out_raw = s.resp.out.headers.as_ref().map(to_pairs);
         s.local_reply = Some(reply);
     }
 
@@ -1482,6 +1486,7 @@ impl Vm {
         d.headers_live = false;
         d.stop = Stop::None;
         d.out.headers = Some(to_headers(&d.headers));
+        d.out_raw = Some(d.headers.clone());
         if d.got_end && d.pending.is_empty() && d.pending_trailers.is_none() && d.body.is_empty() {
             d.out.complete = true;
         }
@@ -1503,21 +1508,22 @@ impl Vm {
         &mut self,
         id: StreamId,
         side: Side,
-        headers: Headers,
+        headers: Pairs,
         end: bool,
     ) -> Result<Action, Error> {
         if self.is_over(id)? {
             return Ok(Action::NotCalled);
         }
+        let n = headers.len();
         {
             let s = self.st(id)?;
             if side == Side::Req {
                 s.head = headers
                     .iter()
-                    .any(|(k, v)| k == ":method" && v.eq_ignore_ascii_case("HEAD"));
+                    .any(|(k, v)| k == b":method" && v.eq_ignore_ascii_case(b"HEAD"));
             }
             let d = s.dir(side);
-            d.headers = to_pairs(&headers);
+            d.headers = headers;
             d.headers_live = true;
             d.got_end = end;
         }
@@ -1532,7 +1538,7 @@ impl Vm {
             Side::Req => "proxy_on_request_headers",
             Side::Resp => "proxy_on_response_headers",
         };
-        let n = headers.len() as i32;
+        let n = n as i32;
         self.store.data_mut().stop_next = false;
         let r = match f {
             None => Ok(0),
@@ -1749,6 +1755,7 @@ impl Vm {
             trailers: None,
             complete: true,
         };
+        s.resp.out_raw = s.resp.out.headers.as_ref().map(to_pairs);
     }
 
     /// Resumes a direction (Envoy's `continueDecoding`/`continueEncoding`).
@@ -1804,33 +1811,36 @@ impl Vm {
             return;
         }
         let head = s.head;
-        let mut headers: Headers = vec![(":status".into(), r.status.to_string())];
-        let filter_headers = to_headers(&r.headers.to_pairs());
-        let extra = filter_headers.clone();
+        // Bytes throughout: the filter's header values may hold obs-text.
+        let mut headers: Pairs = vec![(b":status".to_vec(), r.status.to_string().into_bytes())];
+        let extra = r.headers.to_pairs();
         let has_ct = extra
             .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+            .any(|(k, _)| k.eq_ignore_ascii_case(b"content-type"));
         // As observed from Envoy 1.40 (tests/differential.rs): a local reply always has
         // content-length, text/plain unless the filter set a type, and a 204 or 304 has
         // neither length nor type, whatever the filter added.
         let bodiless = r.status == 204 || r.status == 304;
         if !bodiless {
-            headers.push(("content-length".into(), r.body.len().to_string()));
+            headers.push((
+                b"content-length".to_vec(),
+                r.body.len().to_string().into_bytes(),
+            ));
             if !r.body.is_empty() && !has_ct {
-                headers.push(("content-type".into(), "text/plain".into()));
+                headers.push((b"content-type".to_vec(), b"text/plain".to_vec()));
             }
         }
         headers.extend(
             extra
-                .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .filter(|(k, _)| !(bodiless && (k == "content-type" || k == "content-length"))),
+                .iter()
+                .map(|(k, v)| (lower(k), v.clone()))
+                .filter(|(k, _)| !(bodiless && (k == b"content-type" || k == b"content-length"))),
         );
         s.local_reply = Some(LocalReply {
             status: r.status,
             details: r.details.replace(' ', "_"),
             body: r.body.clone(),
-            headers: filter_headers,
+            headers: to_headers(&extra),
         });
         s.req.stop = Stop::None;
         s.req.headers_live = false;
@@ -1840,11 +1850,12 @@ impl Vm {
             // From the response path: the reply replaces what the upstream sent.
             s.resp = Dir::new();
             s.resp.out = Message {
-                headers: Some(headers),
+                headers: Some(to_headers(&headers)),
                 body: if head { Vec::new() } else { r.body },
                 trailers: None,
                 complete: true,
             };
+            s.resp.out_raw = Some(headers);
             return;
         }
         // From the request path: the reply passes this filter's response callbacks.
@@ -1862,6 +1873,7 @@ impl Vm {
             let d = &mut s.resp;
             if d.out.headers.is_none() {
                 d.out.headers = Some(to_headers(&d.headers));
+                d.out_raw = Some(d.headers.clone());
             }
             if !d.out.complete {
                 let b = std::mem::take(&mut d.body);
@@ -1927,6 +1939,16 @@ impl Vm {
     /// What reached the client on stream `id`.
     pub fn client_response(&self, id: StreamId) -> Option<&Message> {
         self.store.data().streams.get(&id).map(|s| &s.resp.out)
+    }
+
+    /// The headers that reached the upstream on stream `id`, as bytes.
+    pub fn upstream_request_header_bytes(&self, id: StreamId) -> Option<&Pairs> {
+        self.store.data().streams.get(&id)?.req.out_raw.as_ref()
+    }
+
+    /// The headers that reached the client on stream `id`, as bytes (obs-text intact).
+    pub fn client_response_header_bytes(&self, id: StreamId) -> Option<&Pairs> {
+        self.store.data().streams.get(&id)?.resp.out_raw.as_ref()
     }
 
     /// The local reply on stream `id`, if one was sent.
@@ -2074,6 +2096,16 @@ impl HttpStream<'_> {
         headers: Headers,
         end_of_stream: bool,
     ) -> Result<Action, Error> {
+        let headers = to_pairs(&headers);
+        self.step(|vm, id| vm.headers_callback(id, Side::Req, headers, end_of_stream))
+    }
+
+    /// Request headers as raw bytes (names and values passed as given, any byte).
+    pub fn request_header_bytes(
+        &mut self,
+        headers: Pairs,
+        end_of_stream: bool,
+    ) -> Result<Action, Error> {
         self.step(|vm, id| vm.headers_callback(id, Side::Req, headers, end_of_stream))
     }
 
@@ -2091,6 +2123,16 @@ impl HttpStream<'_> {
     pub fn response_headers(
         &mut self,
         headers: Headers,
+        end_of_stream: bool,
+    ) -> Result<Action, Error> {
+        let headers = to_pairs(&headers);
+        self.step(|vm, id| vm.headers_callback(id, Side::Resp, headers, end_of_stream))
+    }
+
+    /// Response headers as raw bytes (names and values passed as given, any byte).
+    pub fn response_header_bytes(
+        &mut self,
+        headers: Pairs,
         end_of_stream: bool,
     ) -> Result<Action, Error> {
         self.step(|vm, id| vm.headers_callback(id, Side::Resp, headers, end_of_stream))
