@@ -46,18 +46,78 @@ pub(crate) unsafe fn list_pairs(part: *const ngx_list_part_t, out: &mut Pairs) {
     });
 }
 
+/// What nginx parsed of a request's head, as received, for [`pseudo_headers`].
+pub(crate) struct RequestHead<'a> {
+    /// `r->request_line`: method, target and version as the client sent them.
+    pub request_line: &'a [u8],
+    /// `r->unparsed_uri`: what `proxy_pass` without a URI part forwards.
+    pub unparsed_uri: &'a [u8],
+    /// `r->method_name`.
+    pub method: &'a [u8],
+    /// The `Host` header's value as received, if there is one.
+    pub host: Option<&'a [u8]>,
+    /// The connection is TLS.
+    pub tls: bool,
+}
+
+/// The request target of a request line: after the method and its spaces, up to the
+/// next space or line end (nginx 1.22 refuses spaces in a target).
+fn request_target(line: &[u8]) -> &[u8] {
+    let after_method = line
+        .iter()
+        .position(|&b| b == b' ')
+        .map_or(&[][..], |i| &line[i..]);
+    let start = after_method
+        .iter()
+        .position(|&b| b != b' ')
+        .unwrap_or(after_method.len());
+    let target = &after_method[start..];
+    let end = target
+        .iter()
+        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
+        .unwrap_or(target.len());
+    &target[..end]
+}
+
+/// Envoy's pseudo-headers for a request, chosen so that the filter's cache key is what
+/// the upstream receives:
+/// - `:authority` is the raw `Host` header (what `proxy_set_header Host $http_host`
+///   forwards), not nginx's parsed `headers_in.server`, which an absolute-form target
+///   overrides (lower-cased, port stripped); empty without one (the filter bypasses).
+/// - `:path` is `unparsed_uri` for an origin-form target. For an absolute-form one
+///   (`GET http://a/x`) nginx's `unparsed_uri` is only `/x`, while the Host forwarded may
+///   name another host: the filter gets the whole target, which it never keys (it keys
+///   only paths that start with `/`). nginx's parser accepts no other form (`*` and
+///   authority-form are 400s).
+/// - `:scheme` is `https` on a TLS connection: a TLS and a plaintext listener sharing a
+///   zone must not share entries (an http-to-https redirect served for https loops).
+pub(crate) fn pseudo_headers(h: &RequestHead<'_>) -> Pairs {
+    let target = request_target(h.request_line);
+    let path = if target.is_empty() || target.starts_with(b"/") {
+        h.unparsed_uri
+    } else {
+        target
+    };
+    let scheme: &[u8] = if h.tls { b"https" } else { b"http" };
+    vec![
+        (b":authority".to_vec(), h.host.unwrap_or_default().to_vec()),
+        (b":path".to_vec(), path.to_vec()),
+        (b":method".to_vec(), h.method.to_vec()),
+        (b":scheme".to_vec(), scheme.to_vec()),
+    ]
+}
+
 /// The request headers as Envoy gives them to a filter: pseudo-headers first.
 pub(crate) unsafe fn request_pairs(r: &ngx_http_request_t) -> Pairs {
-    let mut out: Pairs = Vec::new();
-    let host = if r.headers_in.server.len > 0 {
-        r.headers_in.server.as_bytes().to_vec()
-    } else {
-        Vec::new()
-    };
-    out.push((b":authority".to_vec(), host));
-    out.push((b":path".to_vec(), r.unparsed_uri.as_bytes().to_vec()));
-    out.push((b":method".to_vec(), r.method_name.as_bytes().to_vec()));
-    out.push((b":scheme".to_vec(), b"http".to_vec()));
+    let host = r.headers_in.host.as_ref().map(|h| h.value.as_bytes());
+    let tls = r.connection.as_ref().is_some_and(|c| !c.ssl.is_null());
+    let mut out = pseudo_headers(&RequestHead {
+        request_line: r.request_line.as_bytes(),
+        unparsed_uri: r.unparsed_uri.as_bytes(),
+        method: r.method_name.as_bytes(),
+        host,
+        tls,
+    });
     list_pairs(&r.headers_in.headers.part, &mut out);
     out
 }
@@ -392,4 +452,95 @@ pub(crate) unsafe fn push_header(
         lowcase_key: low.data,
     };
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head<'a>(line: &'a [u8], unparsed: &'a [u8], host: Option<&'a [u8]>) -> RequestHead<'a> {
+        RequestHead {
+            request_line: line,
+            unparsed_uri: unparsed,
+            method: b"GET",
+            host,
+            tls: false,
+        }
+    }
+
+    fn get<'a>(p: &'a Pairs, k: &[u8]) -> &'a [u8] {
+        &p.iter().find(|(n, _)| n == k).expect("pseudo-header").1
+    }
+
+    #[test]
+    fn origin_form_keys_the_raw_host_and_the_unparsed_uri() {
+        let p = pseudo_headers(&head(
+            b"GET /a%2Fb/../c?q=1 HTTP/1.1",
+            b"/a%2Fb/../c?q=1",
+            Some(b"Example.TEST:8080"),
+        ));
+        assert_eq!(
+            p.iter().map(|(k, _)| k.as_slice()).collect::<Vec<_>>(),
+            [&b":authority"[..], b":path", b":method", b":scheme"]
+        );
+        // Bytes as received: no case folding, the port kept.
+        assert_eq!(get(&p, b":authority"), b"Example.TEST:8080");
+        assert_eq!(get(&p, b":path"), b"/a%2Fb/../c?q=1");
+        assert_eq!(get(&p, b":method"), b"GET");
+        assert_eq!(get(&p, b":scheme"), b"http");
+    }
+
+    #[test]
+    fn no_host_header_gives_an_empty_authority() {
+        let p = pseudo_headers(&head(b"GET /k HTTP/1.0", b"/k", None));
+        assert_eq!(get(&p, b":authority"), b"");
+    }
+
+    #[test]
+    fn obs_text_in_host_passes_unchanged() {
+        let p = pseudo_headers(&head(b"GET /k HTTP/1.1", b"/k", Some(b"a\xff.test")));
+        assert_eq!(get(&p, b":authority"), b"a\xff.test");
+    }
+
+    #[test]
+    fn absolute_form_gives_the_whole_target_never_a_path() {
+        // nginx's unparsed_uri is only the path part; Host names another host.
+        let cases: [(&[u8], &[u8], &[u8]); 5] = [
+            (b"GET http://a.test/k HTTP/1.1", b"/k", b"http://a.test/k"),
+            (
+                b"GET  HTTP://A.test:81/k?x=1 HTTP/1.1",
+                b"/k?x=1",
+                b"HTTP://A.test:81/k?x=1",
+            ),
+            // No path: nginx points unparsed_uri at a "/" inside "://".
+            (b"GET http://a.test HTTP/1.1", b"/", b"http://a.test"),
+            (b"GET http://a.test?x HTTP/1.1", b"?x", b"http://a.test?x"),
+            // HTTP/0.9 has no version.
+            (b"GET http://a.test/k", b"/k", b"http://a.test/k"),
+        ];
+        for (line, unparsed, want) in cases {
+            let p = pseudo_headers(&head(line, unparsed, Some(b"b.test")));
+            assert_eq!(get(&p, b":path"), want, "{}", String::from_utf8_lossy(line));
+            assert!(!get(&p, b":path").starts_with(b"/"));
+            assert_eq!(get(&p, b":authority"), b"b.test");
+        }
+    }
+
+    #[test]
+    fn request_line_edges() {
+        assert_eq!(request_target(b"GET /k HTTP/1.1\r\n"), b"/k");
+        assert_eq!(request_target(b"GET /k\r\n"), b"/k");
+        assert_eq!(request_target(b"GET"), b"");
+        assert_eq!(request_target(b""), b"");
+        // A request line nginx did not give: the unparsed URI is used.
+        let p = pseudo_headers(&head(b"", b"/k", Some(b"a")));
+        assert_eq!(get(&p, b":path"), b"/k");
+    }
+
+    #[test]
+    fn tls_connections_say_https() {
+        let mut h = head(b"GET /k HTTP/1.1", b"/k", Some(b"a"));
+        h.tls = true;
+        assert_eq!(get(&pseudo_headers(&h), b":scheme"), b"https");
+    }
 }
