@@ -4,7 +4,6 @@ use ngx::ffi::{
     ngx_hash_key_lc, ngx_http_request_t, ngx_list_create, ngx_list_part_t, ngx_list_push,
     ngx_list_t, ngx_pnalloc, ngx_str_t, ngx_table_elt_t,
 };
-use ngx::http::Request;
 use proxy_wasm_harness::abi::Pairs;
 
 /// Request headers nginx itself acts on for framing and routing: a filter's changes to
@@ -270,7 +269,6 @@ pub(crate) unsafe fn apply_response_headers(
     let mut keys: Vec<&Vec<u8>> = old.iter().chain(new.iter()).map(|(k, _)| k).collect();
     keys.sort();
     keys.dedup();
-    let req = Request::from_ngx_http_request(r);
     for k in keys {
         let new_values = values(new, k);
         if values(old, k) == new_values {
@@ -313,14 +311,8 @@ pub(crate) unsafe fn apply_response_headers(
             b"location" => (*r).headers_out.location = std::ptr::null_mut(),
             _ => {}
         }
-        let Ok(k) = std::str::from_utf8(k) else {
-            continue;
-        };
         for v in new_values {
-            let Ok(v) = std::str::from_utf8(&v) else {
-                continue;
-            };
-            if req.add_header_out(k, v).is_none() {
+            if !push_header(r, &mut (*r).headers_out.headers, k, &v) {
                 return false;
             }
         }
@@ -426,14 +418,24 @@ unsafe fn first_in(r: *mut ngx_http_request_t, name: &[u8]) -> *mut ngx_table_el
     std::ptr::null_mut()
 }
 
-/// Adds `k: v` (copies in the request's pool, the name lower-cased for lookups) to an
-/// nginx header list; false when out of memory.
+/// Whether `k: v` can go on the wire as one header line. Any other byte is passed
+/// (obs-text included: RFC 9110 §5.5 allows it, and the proxies forward it).
+fn header_line_ok(k: &[u8], v: &[u8]) -> bool {
+    !k.is_empty() && !k.iter().chain(v).any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+/// Adds `k: v`, bytes as given (copies in the request's pool, the name lower-cased for
+/// lookups), to an nginx header list; false when out of memory. A pair that would
+/// break the header line (CR, LF, NUL, an empty name) is left out.
 pub(crate) unsafe fn push_header(
     r: *mut ngx_http_request_t,
     list: *mut ngx_list_t,
     k: &[u8],
     v: &[u8],
 ) -> bool {
+    if !header_line_ok(k, v) {
+        return true;
+    }
     let (Some(key), Some(value), Some(low)) = (
         pool_str(r, k),
         pool_str(r, v),
@@ -535,6 +537,21 @@ mod tests {
         // A request line nginx did not give: the unparsed URI is used.
         let p = pseudo_headers(&head(b"", b"/k", Some(b"a")));
         assert_eq!(get(&p, b":path"), b"/k");
+    }
+
+    #[test]
+    fn header_lines_keep_obs_text_and_refuse_line_breaks() {
+        assert!(header_line_ok(
+            b"content-disposition",
+            b"filename=\"r\xe9sum\xe9.pdf\""
+        ));
+        assert!(header_line_ok(b"etag", b"\"e\xfc1\""));
+        assert!(header_line_ok(b"x", b""));
+        assert!(!header_line_ok(b"", b"v"));
+        assert!(!header_line_ok(b"x", b"a\r\nset-cookie: b"));
+        assert!(!header_line_ok(b"x", b"a\nb"));
+        assert!(!header_line_ok(b"x\r", b"v"));
+        assert!(!header_line_ok(b"x", b"a\0b"));
     }
 
     #[test]

@@ -28,9 +28,9 @@ use proxy_wasm_harness::abi::{stream::LocalResponse, LogLevel, Pairs};
 
 use crate::client::Owner;
 use crate::headers::{
-    apply_request_headers, apply_response_headers, clear_response_headers, read_response_pairs,
-    request_pairs, response_pair_count, response_pairs, set_content_length, set_content_type,
-    set_status,
+    apply_request_headers, apply_response_headers, clear_response_headers, push_header,
+    read_response_pairs, request_pairs, response_pair_count, response_pairs, set_content_length,
+    set_content_type, set_status,
 };
 use crate::host::{HeadersSource, StreamAction};
 use crate::subrequest::{self, SubrequestCall};
@@ -556,7 +556,6 @@ unsafe fn send_local_response(r: *mut ngx_http_request_t, lr: &LocalResponse) ->
 /// Status, headers, `Content-Type` (the filter's, else `text/plain` for a non-empty body)
 /// and `Content-Length` of a local response; no body for 204 and 304.
 unsafe fn set_local_headers(r: *mut ngx_http_request_t, lr: &LocalResponse) -> bool {
-    let req = Request::from_ngx_http_request(r);
     set_status(r, lr.status);
     let no_body = lr.status == 204 || lr.status == 304;
     let mut content_type = None;
@@ -566,11 +565,9 @@ unsafe fn set_local_headers(r: *mut ngx_http_request_t, lr: &LocalResponse) -> b
             _ if is(b"content-type") => content_type = Some(v.to_vec()),
             // nginx computes these itself.
             _ if is(b"content-length") || is(b"transfer-encoding") || is(b"connection") => {}
+            // Bytes as the filter gave them: a stored header may hold obs-text.
             _ => {
-                let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) else {
-                    continue;
-                };
-                if req.add_header_out(k, v).is_none() {
+                if !push_header(r, &mut (*r).headers_out.headers, k, v) {
                     return false;
                 }
             }
