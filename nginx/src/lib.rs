@@ -482,16 +482,17 @@ pub(crate) fn with_vm<R>(
         let mut vms = vms.borrow_mut();
         let vm = match vms.entry(filter.id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                PluginVm::new(
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let made = PluginVm::new(
                     engine(),
                     &filter.plugin,
                     &filter.config,
                     log_to_nginx,
                     LogLevel::Info,
-                )
-                .map_err(|e| (e, 0))?,
-            ),
+                );
+                worker::vm_made(filter, made.is_ok());
+                e.insert(made.map_err(|e| (e, 0))?)
+            }
         };
         let gen = vm.generation();
         match f(vm, gen) {

@@ -62,6 +62,19 @@ pub fn bucket_index(bounds: &[f64], sample: u64) -> Option<usize> {
     bounds.iter().position(|b| sample as f64 <= *b)
 }
 
+/// The module's own counters of VM reloads for the plugin `plugin` (a
+/// `proxy_wasm_module` name): `(success, failure)`. Envoy's names for the same event
+/// under `failure_policy: FAIL_RELOAD` (`wasm.<plugin>.vm_reload_success` on its
+/// `/stats/prometheus`, the plugin name sanitised), so `monitoring/` alerts on both
+/// proxies alike.
+pub fn vm_reload_metric_names(plugin: &str) -> (String, String) {
+    let p = sanitize(plugin);
+    (
+        format!("envoy_wasm_{p}_vm_reload_success"),
+        format!("envoy_wasm_{p}_vm_reload_failure"),
+    )
+}
+
 /// One metric's values, copied out of the shared-memory zone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricSnapshot {
@@ -174,6 +187,18 @@ fn sample_name(out: &mut String, name: &str, suffix: &str, labels: &str) {
     }
 }
 
+/// The `# HELP` text of a family: the module's reload counters say what they count.
+fn help(family: &str, kind: &str) -> String {
+    let module_own = |suffix| family.starts_with("envoy_wasm_") && family.ends_with(suffix);
+    if module_own("_vm_reload_success") {
+        "VMs made again after one failed (trap), all nginx workers.".to_string()
+    } else if module_own("_vm_reload_failure") {
+        "VMs that could not be made again after one failed, all nginx workers.".to_string()
+    } else {
+        format!("Proxy-Wasm {kind}, all nginx workers.")
+    }
+}
+
 /// Renders `metrics` in the text format. A metric that cannot be exported (a name that
 /// starts with a digit, a family already used by another type, a series seen before) is
 /// left out rather than make the whole page invalid.
@@ -200,7 +225,7 @@ pub fn render(metrics: &[MetricSnapshot]) -> String {
             continue;
         };
         let kind = kind_name(first.kind);
-        let _ = writeln!(out, "# HELP {family} Proxy-Wasm {kind}, all nginx workers.");
+        let _ = writeln!(out, "# HELP {family} {}", help(family, kind));
         let _ = writeln!(out, "# TYPE {family} {kind}");
         for (labels, m) in series {
             if m.kind != MetricType::Histogram {
@@ -440,5 +465,23 @@ edge_filter_upstream_response_time_milliseconds_count 4
             BUCKET_SETTINGS.len(),
             "every setting in envoy.yaml is here"
         );
+    }
+
+    #[test]
+    fn reload_counters_have_envoys_names() {
+        // envoy.yaml's plugin `edge-filter` and nginx.conf's module `edge_filter` give one
+        // name, which monitoring/'s alerts read.
+        let want = (
+            "envoy_wasm_edge_filter_vm_reload_success".to_string(),
+            "envoy_wasm_edge_filter_vm_reload_failure".to_string(),
+        );
+        assert_eq!(vm_reload_metric_names("edge_filter"), want);
+        assert_eq!(vm_reload_metric_names("edge-filter"), want);
+        // A dotted name must not turn into labels.
+        let (ok, _) = vm_reload_metric_names("a.b.c");
+        assert_eq!(ok, "envoy_wasm_a_b_c_vm_reload_success");
+        let page = render(&[m(MetricType::Counter, &ok, 2)]);
+        assert!(page.contains("# HELP envoy_wasm_a_b_c_vm_reload_success VMs made again"));
+        assert!(page.contains("\nenvoy_wasm_a_b_c_vm_reload_success 2\n"));
     }
 }

@@ -7,7 +7,7 @@
 //! generation number, so a timer or call of the old VM never reaches the one made again.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
@@ -19,7 +19,8 @@ use ngx::ffi::{
     NGX_PROCESS_WORKER,
 };
 use ngx::http::{HttpModuleMainConf, NgxHttpUpstreamModule};
-use proxy_wasm_harness::abi::LogLevel;
+use proxy_wasm_harness::abi::metrics::{MetricKey, MetricUpdate};
+use proxy_wasm_harness::abi::{LogLevel, MetricType};
 
 use crate::client::{self, ClientCall, Outcome, Owner};
 use crate::host::CallRoute;
@@ -27,6 +28,7 @@ use crate::subrequest::SubrequestCall;
 use crate::upstream::{self, Cluster, Clusters, Peer};
 use crate::vm::{PluginVm, VmError};
 use crate::{log_to_nginx, FilterRef, Module, VMS};
+use crate::{prometheus, shm};
 
 /// The longest tick period nginx's timer takes (its `ngx_msec_t` delay is 32-bit here).
 const MAX_TICK_MS: u64 = u32::MAX as u64 / 2;
@@ -41,6 +43,37 @@ struct Tick {
 
 thread_local! {
     static TICKS: RefCell<HashMap<usize, Box<Tick>>> = RefCell::new(HashMap::new());
+    /// Filters (by id) whose VM failed in this worker and has not been made again yet:
+    /// the next VM made for one is a reload.
+    static FAILED: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
+}
+
+/// Envoy's reload counters of `filter`'s plugin, in the metrics zone.
+fn reload_keys(filter: &FilterRef) -> [MetricKey; 2] {
+    let (success, failure) = prometheus::vm_reload_metric_names(&filter.plugin.name);
+    [
+        (MetricType::Counter, success),
+        (MetricType::Counter, failure),
+    ]
+}
+
+/// A VM was made for `filter` (`ok`) or could not be: after a failure that is a reload,
+/// counted as Envoy counts `FAIL_RELOAD`'s (one per VM made again, one per failed try),
+/// so a trap shows on the metrics page, not only in the error log.
+pub(crate) fn vm_made(filter: &FilterRef, ok: bool) {
+    let reload = FAILED.with(|f| {
+        let mut f = f.borrow_mut();
+        // A failed reload leaves the filter failed: its next try is a reload too.
+        if ok {
+            f.remove(&filter.id)
+        } else {
+            f.contains(&filter.id)
+        }
+    });
+    if reload {
+        let [success, failure] = reload_keys(filter);
+        shm::metric_update(if ok { &success } else { &failure }, MetricUpdate::Add(1));
+    }
 }
 
 /// `init_process`: in a worker (not the cache manager or loader, which run it too), reads
@@ -62,6 +95,10 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             return;
         };
         for filter in &main.filters {
+            // At 0 from the start, so that `increase()` sees the first reload.
+            for key in reload_keys(filter) {
+                shm::metric_define(&key);
+            }
             if let Err(e) = crate::with_vm(filter, |_, _| Ok(())) {
                 log_to_nginx(
                     LogLevel::Error,
@@ -198,6 +235,7 @@ pub(crate) fn after_callback(filter: &FilterRef, vm: &mut PluginVm, ticked: bool
 
 /// A VM was dropped (it trapped or failed): its timer stops and its calls end unanswered.
 pub(crate) fn vm_dropped(filter: &FilterRef, generation: u64) {
+    FAILED.with(|f| f.borrow_mut().insert(filter.id));
     TICKS.with(|t| {
         if let Ok(mut t) = t.try_borrow_mut() {
             if let Some(tick) = t.get_mut(&filter.id) {
