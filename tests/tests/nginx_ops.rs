@@ -1,7 +1,8 @@
 //! nginx-only end-to-end tests of the module in the stock Debian nginx, with the shipped
 //! `nginx/conf/nginx.conf`: a trapping filter under both failure policies (the worker
-//! survives, nothing leaks), reloads under load with a changed filter configuration and
-//! a changed .wasm (no failed request), and 4 workers sharing one cache.
+//! survives, nothing leaks, each VM made again is counted), reloads under load with a
+//! changed filter configuration and a changed .wasm (no failed request), 4 workers
+//! sharing one cache, and a key whose host is the forwarded Host.
 //! A missing module fails with how to build it; `EDGE_FILTER_SKIP_NGINX=1` skips.
 
 use std::fs;
@@ -141,15 +142,20 @@ fn trap_case(policy: &str, trapped: impl Fn(&http::Response, &Upstream)) {
         "the filter runs"
     );
 
+    // The module's reload counters, under Envoy's names (monitoring/ alerts on them): at 0
+    // from the start.
+    assert_eq!(reloads(&nginx), (0.0, 0.0), "before any trap");
+
     let r = nginx.request("GET", "/trap", &[(TRAP_HEADER, "1")], b"");
     trapped(&r, &up);
 
     // The worker survived (a crash makes the master start a new one) and the filter
-    // runs again on the next request, with a fresh VM.
+    // runs again on the next request, with a fresh VM: one reload, counted.
     let next = nginx.get("/after");
     assert_eq!(next.status, 200);
     assert_eq!(next.text(), "origin /after");
     assert_eq!(next.header("x-filter"), Some("trap-filter"));
+    assert_eq!(reloads(&nginx), (1.0, 0.0), "after one trap");
     assert_eq!(nginx.running_workers(), workers, "the worker was replaced");
     assert!(
         nginx.error_log().contains("trapped"),
@@ -171,9 +177,28 @@ fn trap_case(policy: &str, trapped: impl Fn(&http::Response, &Upstream)) {
         "worker RSS grew from {rss_before} to {rss_after} KiB over 300 traps"
     );
     assert_eq!(nginx.running_workers(), workers, "the worker was replaced");
+    // Each trap but the first dropped a VM made again for that very request.
+    let last = nginx.get("/last");
+    assert_eq!(last.header("x-filter"), Some("trap-filter"));
+    assert_eq!(reloads(&nginx), (331.0, 0.0), "after 331 traps");
     nginx
         .check_logs(&["trapped"])
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `(envoy_wasm_edge_filter_vm_reload_success, .._failure)` on the metrics page (the
+/// shipped configuration names the module `edge_filter`).
+fn reloads(nginx: &Nginx) -> (f64, f64) {
+    let m = nginx.metrics();
+    let value = |name: &str| {
+        assert_eq!(m.type_of(name), Some("counter"), "{name}");
+        m.value(name, &[])
+            .unwrap_or_else(|| panic!("no {name} on the metrics page"))
+    };
+    (
+        value("envoy_wasm_edge_filter_vm_reload_success"),
+        value("envoy_wasm_edge_filter_vm_reload_failure"),
+    )
 }
 
 #[test]
@@ -679,6 +704,72 @@ fn reload_under_load_fails_no_request() {
         "the keep-alive client used {} connection(s) across 3 reloads",
         stats.keepalive_connections
     );
+    nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// An origin whose cacheable answer names the Host it received.
+fn host_echo_origin() -> Upstream {
+    Upstream::origin(|req| {
+        let host = String::from_utf8_lossy(req.headers.get_bytes("host").unwrap_or(b"-"));
+        Reply::text(format!("host {host}")).header("Cache-Control", "max-age=60")
+    })
+}
+
+/// The cache key's host is the Host the upstream receives (the shipped configuration
+/// forwards `$http_host`), not nginx's host from an absolute-form target: no request
+/// gets an answer stored for another Host, in either direction.
+#[test]
+fn the_keyed_host_is_the_forwarded_host() {
+    if nginx::skipped() {
+        return;
+    }
+    let up = host_echo_origin();
+    let nginx = start(&up, &NginxConf::new(1, &shipped_plugin_config()));
+    let get = |target: &str, host: &str| {
+        let r = http::RawRequest::new("GET", target)
+            .header("Host", host)
+            .send(nginx.listener_addr())
+            .unwrap_or_else(|e| panic!("GET {target} Host: {host}: {e}"));
+        assert_eq!(r.status, 200, "GET {target} Host: {host}: {}", r.text());
+        r
+    };
+
+    // Stored for a.test, and a hit for it.
+    assert_eq!(get("/k", "a.test").text(), "host a.test");
+    let hit = get("/k", "a.test");
+    assert_eq!(hit.text(), "host a.test");
+    assert!(CacheStatus::of(&hit).has("hit"), "{:?}", hit.headers);
+
+    // Absolute-form naming a.test, Host b.test: nginx forwards Host b.test, so a.test's
+    // entry must not answer it.
+    let abs = get("http://a.test/k", "b.test");
+    assert_eq!(
+        abs.text(),
+        "host b.test",
+        "answered with another Host's entry"
+    );
+    assert!(!CacheStatus::of(&abs).has("hit"));
+
+    // Origin-form with Host b.test: its own miss.
+    let other = get("/k", "b.test");
+    assert_eq!(other.text(), "host b.test", "answered with a.test's entry");
+    assert!(!CacheStatus::of(&other).has("hit"));
+
+    // The other direction: an absolute-form request fetched for b.test must not store
+    // under a.test.
+    assert_eq!(get("http://a.test/p", "b.test").text(), "host b.test");
+    assert_eq!(
+        get("/p", "a.test").text(),
+        "host a.test",
+        "poisoned by absolute-form"
+    );
+    // Absolute-form is never stored: a.test's /p came from the origin.
+    assert_eq!(up.count("/p"), 2);
+
+    // The cache still works.
+    let again = get("/k", "a.test");
+    assert_eq!(again.text(), "host a.test");
+    assert!(CacheStatus::of(&again).has("hit"));
     nginx.check_logs(&[]).unwrap_or_else(|e| panic!("{e}"));
 }
 
