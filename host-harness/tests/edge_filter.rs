@@ -5,20 +5,9 @@ use proxy_wasm_harness::{CallReply, Harness, HttpCallResponse, Request, Response
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The filter under test: `EDGE_FILTER_WASM`, else the workspace's release build.
 fn wasm() -> PathBuf {
-    if let Some(p) = std::env::var_os("EDGE_FILTER_WASM") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let p = target.join("wasm32-wasip1/release/edge_filter.wasm");
-    assert!(
-        p.is_file(),
-        "{} missing: build it with `cargo build --release --target wasm32-wasip1 -p edge-filter`",
-        p.display()
-    );
-    p
+    edge_filter_e2e::envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn harness(config: &str) -> Harness {
