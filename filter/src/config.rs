@@ -55,6 +55,9 @@ pub struct CacheConfig {
     pub coalesce: bool,
     /// How long a waiting request waits before it goes upstream itself.
     pub coalesce_timeout_ms: u64,
+    /// Targeted cache-control fields this cache obeys, first valid one wins (RFC 9213):
+    /// e.g. `["edge-cache-control", "cdn-cache-control"]`. Empty: `Cache-Control` only.
+    pub targeted_cache_control: Vec<String>,
 }
 
 /// Limits that keep the shared index and the per-request work bounded.
@@ -63,6 +66,8 @@ pub mod limits {
     pub const MAX_ENTRIES: u32 = 1 << 16;
     /// Largest single entry: Proxy-Wasm buffers and shared-data values are u32-sized.
     pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
+    /// Most targeted cache-control field names.
+    pub const MAX_TARGETED_FIELDS: usize = 8;
     /// Shortest readiness check period.
     pub const MIN_CHECK_PERIOD_MS: u64 = 100;
 }
@@ -87,6 +92,7 @@ impl Default for CacheConfig {
             eviction: crate::cache::eviction::Policy::S3Fifo,
             coalesce: true,
             coalesce_timeout_ms: 5_000,
+            targeted_cache_control: vec!["cdn-cache-control".into()],
         }
     }
 }
@@ -291,6 +297,21 @@ impl Config {
                 "must be at least cache.max_entry_bytes",
             ));
         }
+        if c.targeted_cache_control.len() > limits::MAX_TARGETED_FIELDS {
+            return Err(ConfigError::new(
+                "cache.targeted_cache_control",
+                format!("at most {} field names", limits::MAX_TARGETED_FIELDS),
+            ));
+        }
+        for name in &c.targeted_cache_control {
+            let token = !name.is_empty() && name.bytes().all(crate::field::is_tchar);
+            if !token || name.eq_ignore_ascii_case("cache-control") {
+                return Err(ConfigError::new(
+                    "cache.targeted_cache_control",
+                    format!("{name:?} is not a response field name for targeted cache control"),
+                ));
+            }
+        }
         for &s in &c.statuses {
             // 206 needs range assembly and 304 is not a complete response (RFC 9111 §3.3, §4.3.4).
             if !(200..=599).contains(&s) || s == 206 || s == 304 {
@@ -408,6 +429,24 @@ fn strip_position(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targeted_cache_control_names_are_checked() {
+        let c = Config::parse(b"{}").unwrap();
+        assert_eq!(c.cache.targeted_cache_control, ["cdn-cache-control"]);
+        let c = Config::parse(br#"{"cache":{"targeted_cache_control":[]}}"#).unwrap();
+        assert!(c.cache.targeted_cache_control.is_empty());
+        for bad in [
+            r#"["a b"]"#,
+            r#"[""]"#,
+            r#"["Cache-Control"]"#,
+            r#"["a","b","c","d","e","f","g","h","i"]"#,
+        ] {
+            let json = format!(r#"{{"cache":{{"targeted_cache_control":{bad}}}}}"#);
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field(), "cache.targeted_cache_control", "{bad}");
+        }
+    }
 
     #[test]
     fn empty_object_and_empty_input_give_defaults() {

@@ -49,6 +49,11 @@ pub fn has<F: Field>(h: &[F], name: &str) -> bool {
         .any(|f| f.name().eq_ignore_ascii_case(name.as_bytes()))
 }
 
+/// RFC 9110 §5.6.2 token characters (field names, methods, directive names).
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// A value as text for an ASCII grammar: borrowed when it is UTF-8 (nearly always), else
 /// with each invalid byte replaced by U+FFFD, which no token or number accepts.
 pub fn text(v: &[u8]) -> Cow<'_, str> {

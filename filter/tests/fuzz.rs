@@ -104,6 +104,14 @@ proptest! {
     }
 
     #[test]
+    fn targeted_fields_never_panic(resp in headers(), v in header_value()) {
+        let targets = vec!["cdn-cache-control".to_string(), "x".to_string()];
+        let mut resp = resp;
+        resp.push(("cdn-cache-control".to_string(), v));
+        let _ = policy::response_cache_control(&resp, &targets);
+    }
+
+    #[test]
     fn header_maps_never_panic_and_round_trip(bytes in prop::collection::vec(any::<u8>(), 0..256), fields in prop::collection::vec((prop::collection::vec(any::<u8>(), 0..16), prop::collection::vec(any::<u8>(), 0..32)), 0..8)) {
         let _ = field::decode_pairs(&bytes);
         prop_assert_eq!(field::decode_pairs(&field::encode_pairs(&fields)), Some(fields));
@@ -153,6 +161,7 @@ proptest! {
             response_time: now,
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
+            targets: &[],
         };
         if let Ok(s) = policy::storable(status, &resp, &ctx) {
             let _ = policy::reuse(&s.meta, &request, now.saturating_add(s.meta.lifetime as u64));

@@ -369,6 +369,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: revalidated_by_304,
     },
     Scenario {
+        name: "targeted_cache_control",
+        run: targeted_cache_control,
+    },
+    Scenario {
         name: "metrics_requests_by_cache_result",
         run: metrics_requests_by_cache_result,
     },
@@ -554,6 +558,22 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             max_age(Reply::text(format!("slow response #{n}")))
         }
         // Fresh for 1 s; then a request carrying the validator gets a 304 with new fields.
+        // RFC 9213: targeted fields against Cache-Control (see `targeted_cache_control`).
+        "/tcc/cdn" => Reply::text("cdn decides")
+            .header("Cache-Control", "no-store")
+            .header("CDN-Cache-Control", "max-age=600"),
+        "/tcc/cdn-no-store" => Reply::text("cdn refuses")
+            .header("Cache-Control", "max-age=600")
+            .header("CDN-Cache-Control", "no-store"),
+        "/tcc/cdn-invalid" => Reply::text("invalid cdn field")
+            .header("Cache-Control", "max-age=600")
+            .header("CDN-Cache-Control", "max-age=600,"),
+        "/tcc/edge" | "/tcc/edge-2" => Reply::text("edge decides")
+            .header("Cache-Control", "no-store")
+            .header("Edge-Cache-Control", "max-age=600"),
+        "/tcc/both" => Reply::text("first target wins")
+            .header("Edge-Cache-Control", "no-store")
+            .header("CDN-Cache-Control", "max-age=600"),
         "/rv/etag" if req.headers.get("if-none-match") == Some("\"rv1\"") => Reply::new(304)
             .header("ETag", "\"rv1\"")
             .header("Cache-Control", "max-age=60")
@@ -828,6 +848,60 @@ pub fn no_store(ctx: &mut Ctx<'_>) {
         );
         assert_eq!(ctx.origin.count("/ns/secret"), n);
     }
+}
+
+/// RFC 9213: a valid `CDN-Cache-Control` decides over `Cache-Control` (its `max-age` stores a
+/// `no-store` response, its `no-store` refuses a `max-age` one), an invalid one is ignored,
+/// a field not on the target list has no effect, and `cache.targeted_cache_control` names
+/// the operator's own fields, the first listed valid one winning. The fields pass through.
+pub fn targeted_cache_control(ctx: &mut Ctx<'_>) {
+    let proxy = ctx.shipped();
+    let twice = |proxy: &dyn Proxy, path: &str| -> Response {
+        let first = proxy.get(path);
+        assert_eq!(first.status, 200, "{path}");
+        proxy.get(path)
+    };
+    let r = twice(proxy.as_ref(), "/tcc/cdn");
+    assert!(
+        CacheStatus::of(&r).has("hit"),
+        "{:?}",
+        r.header("cache-status")
+    );
+    assert_eq!(r.text(), "cdn decides");
+    assert_eq!(r.header("cdn-cache-control"), Some("max-age=600"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(ctx.origin.count("/tcc/cdn"), 1);
+    for path in ["/tcc/cdn-no-store", "/tcc/edge"] {
+        let r = twice(proxy.as_ref(), path);
+        assert_not_hit(&r);
+        assert_eq!(ctx.origin.count(path), 2, "{path}");
+    }
+    let r = twice(proxy.as_ref(), "/tcc/cdn-invalid");
+    assert!(
+        CacheStatus::of(&r).has("hit"),
+        "an invalid CDN-Cache-Control is ignored"
+    );
+    assert_eq!(ctx.origin.count("/tcc/cdn-invalid"), 1);
+
+    let mut v: Value = serde_json::from_str(&shipped_plugin_config()).expect("shipped JSON");
+    v["cache"]["targeted_cache_control"] =
+        serde_json::json!(["edge-cache-control", "cdn-cache-control"]);
+    let proxy = ctx.proxy(&v.to_string());
+    let r = twice(proxy.as_ref(), "/tcc/edge-2");
+    assert!(
+        CacheStatus::of(&r).has("hit"),
+        "{:?}",
+        r.header("cache-status")
+    );
+    assert_eq!(r.header("edge-cache-control"), Some("max-age=600"));
+    assert_eq!(ctx.origin.count("/tcc/edge-2"), 1);
+    let r = twice(proxy.as_ref(), "/tcc/both");
+    assert_not_hit(&r);
+    assert_eq!(
+        ctx.origin.count("/tcc/both"),
+        2,
+        "Edge-Cache-Control: no-store comes first"
+    );
 }
 
 /// Bodies over `max_entry_bytes` pass intact and are not stored, whether the length is

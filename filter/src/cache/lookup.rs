@@ -205,6 +205,7 @@ mod tests {
             response_time: 0,
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
+            targets: &[],
         }
     }
 

@@ -27,4 +27,5 @@ pub mod policy;
 pub mod status;
 #[allow(clippy::indexing_slicing)]
 pub mod store;
+pub mod targeted;
 pub mod vary;

@@ -208,6 +208,17 @@ pub struct StoreContext<'a> {
     pub heuristic_fraction: f64,
     /// Cap on heuristic freshness, seconds.
     pub heuristic_max_secs: u64,
+    /// Targeted cache-control fields this cache obeys, in order (RFC 9213 §2.2).
+    pub targets: &'a [String],
+}
+
+/// The directives that decide a response's caching here (RFC 9213 §2.2): the first targeted
+/// field with a valid, non-empty value, else `Cache-Control`. The flag says which.
+pub fn response_cache_control<F: Field>(resp: &[F], targets: &[String]) -> (CacheControl, bool) {
+    match super::targeted::directives(resp, targets) {
+        Some(cc) => (cc, true),
+        None => (CacheControl::parse(values(resp, "cache-control")), false),
+    }
 }
 
 /// RFC 9110 §15.1: statuses cacheable by default, for which heuristic freshness may be used.
@@ -230,7 +241,7 @@ pub fn storable<F: Field>(
     if !ctx.statuses.contains(&status) {
         return Err(NotStored::Status);
     }
-    let cc = CacheControl::parse(values(resp, "cache-control"));
+    let (cc, targeted) = response_cache_control(resp, ctx.targets);
     // §5.2.2.3: with must-understand, a cache that understands the status ignores no-store;
     // every status it may store is one it understands.
     if cc.no_store && !cc.must_understand {
@@ -252,12 +263,13 @@ pub fn storable<F: Field>(
         return Err(NotStored::VaryStar);
     }
     let date_lines = values(resp, "date");
-    let lifetime = freshness::freshness_lifetime(
-        &cc,
-        &values(resp, "expires"),
-        &date_lines,
-        ctx.response_time,
-    );
+    // RFC 9213 §2.2: a targeted field replaces Expires too.
+    let expires = if targeted {
+        Vec::new()
+    } else {
+        values(resp, "expires")
+    };
+    let lifetime = freshness::freshness_lifetime(&cc, &expires, &date_lines, ctx.response_time);
     let has_validator = has(resp, "etag") || has(resp, "last-modified");
     let lifetime = match lifetime {
         Some((l, _)) => l,
@@ -559,12 +571,86 @@ mod tests {
             response_time: T,
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
+            targets: &[],
         }
     }
 
     fn store(status: u16, list: &[(&str, &str)]) -> Result<Storable, NotStored> {
         let req = RequestPolicy::default();
         storable(status, &hdrs(list), &ctx(&req))
+    }
+
+    fn store_targeted(list: &[(&str, &str)]) -> Result<Storable, NotStored> {
+        let req = RequestPolicy::default();
+        let targets = [
+            "edge-cache-control".to_string(),
+            "cdn-cache-control".to_string(),
+        ];
+        let c = StoreContext {
+            targets: &targets,
+            ..ctx(&req)
+        };
+        storable(200, &hdrs(list), &c)
+    }
+
+    #[test]
+    fn a_targeted_field_replaces_cache_control_and_expires() {
+        // RFC 9213 §2.2: the targeted field decides; Cache-Control and Expires are ignored,
+        // no-store, private and s-maxage included.
+        let later = freshness::format_http_date(T + 500);
+        for cc in ["no-store", "private", "s-maxage=5", "max-age=0"] {
+            let s = store_targeted(&[
+                ("cache-control", cc),
+                ("expires", &later),
+                ("cdn-cache-control", "max-age=60"),
+            ])
+            .unwrap_or_else(|e| panic!("{cc}: {e:?}"));
+            assert_eq!(s.meta.lifetime, 60, "{cc}");
+            assert!(!s.meta.has(flags::FORBIDS_STALE), "{cc}");
+        }
+        // And its own no-store, private and s-maxage apply.
+        assert_eq!(
+            store_targeted(&[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "no-store")
+            ])
+            .unwrap_err(),
+            NotStored::NoStore
+        );
+        assert_eq!(
+            store_targeted(&[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "private")
+            ])
+            .unwrap_err(),
+            NotStored::Private
+        );
+        let s = store_targeted(&[("cdn-cache-control", "s-maxage=30, max-age=5")]).unwrap();
+        assert_eq!(s.meta.lifetime, 30);
+        assert!(s.meta.has(flags::FORBIDS_STALE) && s.meta.has(flags::AUTH_OK));
+        // The first listed valid target wins; an invalid one is skipped; the field is stored.
+        let s = store_targeted(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("edge-cache-control", "max-age=7"),
+        ])
+        .unwrap();
+        assert_eq!(s.meta.lifetime, 7);
+        assert!(s.headers.iter().any(|(n, _)| n == b"cdn-cache-control"));
+        let s = store_targeted(&[
+            ("cache-control", "max-age=9"),
+            ("cdn-cache-control", "max-age=60,"),
+        ])
+        .unwrap();
+        assert_eq!(s.meta.lifetime, 9, "an invalid targeted field is ignored");
+        // Without targets configured, CDN-Cache-Control means nothing here.
+        let s = store(
+            200,
+            &[
+                ("cache-control", "max-age=9"),
+                ("cdn-cache-control", "max-age=60"),
+            ],
+        );
+        assert_eq!(s.unwrap().meta.lifetime, 9);
     }
 
     #[test]

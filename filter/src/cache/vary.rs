@@ -29,7 +29,7 @@ impl Vary {
                 if name == "*" {
                     return Vary::Star;
                 }
-                if !name.bytes().all(is_tchar) {
+                if !name.bytes().all(crate::field::is_tchar) {
                     return Vary::Unusable;
                 }
                 names.push(name.to_ascii_lowercase());
@@ -43,11 +43,6 @@ impl Vary {
             _ => Vary::Names(names),
         }
     }
-}
-
-/// RFC 9110 §5.6.2 token characters.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The secondary key: the normalised values of the `names` in the request, in order.

@@ -5,7 +5,6 @@
 use super::abi::{self, Buffer, Map};
 use super::host::{now_ms, now_us};
 use super::root::{self, Pending, RefreshJob, State, Waiter, READY_KEY};
-use crate::cache::cache_control::CacheControl;
 use crate::cache::conditional::{self, Evaluation};
 use crate::cache::entry::{self, EntryView, ResponseView};
 use crate::cache::freshness;
@@ -323,7 +322,8 @@ impl Http {
                 self.fwd = f;
                 if f == Forward::Stale {
                     self.result = CacheResult::Stale;
-                    let cc = CacheControl::parse(values(&r.headers, "cache-control"));
+                    let targets = &state.config.cache.targeted_cache_control;
+                    let (cc, _) = policy::response_cache_control(&r.headers, targets);
                     let swr = StaleReason::WhileRevalidate;
                     if let Some(ttl) =
                         policy::stale_allowed(&r.meta, &cc, &lookup.policy, now_s, swr, 0)
@@ -590,6 +590,7 @@ impl Http {
             response_time: now / 1000,
             heuristic_fraction: c.heuristic_fraction,
             heuristic_max_secs: c.heuristic_max_secs,
+            targets: &c.targeted_cache_control,
         }
     }
 
@@ -612,7 +613,8 @@ impl Http {
         if let Some(hit) = l.stale.clone() {
             if status >= 500 {
                 if let Ok(EntryView::Response(r)) = entry::decode(&hit.value) {
-                    let cc = CacheControl::parse(values(&r.headers, "cache-control"));
+                    let targets = &state.config.cache.targeted_cache_control;
+                    let (cc, _) = policy::response_cache_control(&r.headers, targets);
                     let grace = state.config.cache.stale_if_error_grace_secs;
                     let sie = StaleReason::IfError;
                     if let Some(ttl) =

@@ -239,6 +239,7 @@ impl Root {
             response_time: now / 1000,
             heuristic_fraction: c.heuristic_fraction,
             heuristic_max_secs: c.heuristic_max_secs,
+            targets: &c.targeted_cache_control,
         };
         let stored = if status == 304 {
             let Found::Response(hit) = lookup::lookup(&mut state.store, &job.key, &job.request)
