@@ -194,21 +194,21 @@ http {
     server {
         listen 127.0.0.1:$cport;
         location / {
-            proxy_wasm edge_filter '{"health":{"check_period_ms":300,"check_timeout_ms":1000}}';
+            proxy_wasm edge_filter '{"health":{"check_period_ms":300,"check_timeout_ms":1000,"upstream_failure":"fail"}}';
             proxy_pass http://upstream;
         }
     }
     server {
         listen 127.0.0.1:$cport_nocluster;
         location / {
-            proxy_wasm ef_nocluster '{"health":{"upstream_cluster":"nope","check_period_ms":300}}';
+            proxy_wasm ef_nocluster '{"health":{"upstream_cluster":"nope","check_period_ms":300,"upstream_failure":"fail"}}';
             proxy_pass http://upstream;
         }
     }
     server {
         listen 127.0.0.1:$cport_slow;
         location / {
-            proxy_wasm ef_slow '{"health":{"check_path":"/slow","check_timeout_ms":300,"check_period_ms":500}}';
+            proxy_wasm ef_slow '{"health":{"check_path":"/slow","check_timeout_ms":300,"check_period_ms":500,"upstream_failure":"fail"}}';
             proxy_pass http://upstream;
         }
     }

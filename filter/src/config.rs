@@ -103,7 +103,8 @@ impl Default for CacheConfig {
 pub struct HealthConfig {
     /// Liveness path, answered `pass` while the VM runs.
     pub liveness_path: String,
-    /// Readiness path, `pass` only while the upstream answers its health check.
+    /// Readiness path: `pass`, or `warn`/`fail` when the upstream check fails (see
+    /// `upstream_failure`) or the cache is nearly full.
     pub readiness_path: String,
     /// Envoy cluster that the readiness check calls.
     pub upstream_cluster: String,
@@ -117,6 +118,9 @@ pub struct HealthConfig {
     pub check_timeout_ms: u64,
     /// Cache fill ratio (bytes or entries) above which readiness reports `warn`.
     pub cache_warn_ratio: f64,
+    /// What a failing upstream check makes readiness: `warn` (200, the default: the proxy
+    /// itself can still serve, stale-if-error included) or `fail` (503).
+    pub upstream_failure: crate::health::UpstreamFailure,
 }
 
 impl Default for HealthConfig {
@@ -130,6 +134,7 @@ impl Default for HealthConfig {
             check_period_ms: 2000,
             check_timeout_ms: 1000,
             cache_warn_ratio: 0.9,
+            upstream_failure: crate::health::UpstreamFailure::Warn,
         }
     }
 }
@@ -429,6 +434,17 @@ fn strip_position(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_failure_is_warn_or_fail() {
+        use crate::health::UpstreamFailure;
+        let c = Config::parse(b"{}").unwrap();
+        assert_eq!(c.health.upstream_failure, UpstreamFailure::Warn);
+        let c = Config::parse(br#"{"health":{"upstream_failure":"fail"}}"#).unwrap();
+        assert_eq!(c.health.upstream_failure, UpstreamFailure::Fail);
+        let e = Config::parse(br#"{"health":{"upstream_failure":"drain"}}"#).unwrap_err();
+        assert_eq!(e.field(), "health.upstream_failure");
+    }
 
     #[test]
     fn targeted_cache_control_names_are_checked() {

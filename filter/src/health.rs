@@ -107,6 +107,23 @@ pub struct Inputs<'a> {
     pub max_bytes: u64,
     /// Fill ratio that makes readiness `warn`.
     pub warn_ratio: f64,
+    /// What a failing upstream check makes readiness.
+    pub upstream_failure: UpstreamFailure,
+}
+
+/// What a failing upstream check does to readiness; the `health.upstream_failure` value.
+///
+/// Every replica checks the same origin, so `fail` takes the whole fleet out of its
+/// Service at the moment the cache (stale-if-error) could still answer: readiness is
+/// about the proxy, and an unhealthy origin is a warning by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamFailure {
+    /// Readiness reports `warn` (HTTP 200); the upstream check says `fail`.
+    #[default]
+    Warn,
+    /// Readiness reports `fail` (HTTP 503).
+    Fail,
 }
 
 /// A document and the status it carries.
@@ -155,8 +172,9 @@ pub fn liveness(inputs: &Inputs<'_>) -> Document {
     document(Status::Pass, inputs, checks)
 }
 
-/// Readiness: `fail` unless the upstream's latest check passed recently; `warn` when the
-/// cache is fuller than the warn ratio (bytes or entries).
+/// Readiness: when the upstream's latest check did not pass recently, `warn` or `fail` as
+/// `upstream_failure` says (the upstream check itself says `fail`); `warn` when the cache
+/// is fuller than the warn ratio (bytes or entries).
 pub fn readiness(inputs: &Inputs<'_>) -> Document {
     let time = rfc3339(inputs.now_ms / 1000);
     let (up_status, up_value, output, up_time) = match inputs.upstream {
@@ -233,9 +251,11 @@ pub fn readiness(inputs: &Inputs<'_>) -> Document {
         ),
     );
     checks.insert("uptime".into(), uptime(inputs, &time));
-    let status = if up_status == Status::Fail {
+    let upstream_down = up_status == Status::Fail;
+    let status = if upstream_down && inputs.upstream_failure == UpstreamFailure::Fail {
         Status::Fail
-    } else if bytes_ratio > inputs.warn_ratio || entries_ratio > inputs.warn_ratio {
+    } else if upstream_down || bytes_ratio > inputs.warn_ratio || entries_ratio > inputs.warn_ratio
+    {
         Status::Warn
     } else {
         Status::Pass
@@ -284,6 +304,7 @@ mod tests {
             max_entries: 100,
             max_bytes: 1000,
             warn_ratio: 0.9,
+            upstream_failure: UpstreamFailure::Fail,
         }
     }
 
@@ -336,6 +357,32 @@ mod tests {
             readiness(&inputs(None, Usage::default())).status,
             Status::Fail
         );
+    }
+
+    #[test]
+    fn by_default_a_failing_upstream_is_a_warning() {
+        // The default: readiness stays 200 (warn) so the fleet keeps serving from cache;
+        // the upstream check itself still says fail.
+        let down = UpstreamCheck {
+            ok: false,
+            output: "503".into(),
+            ..ok(NOW - 100)
+        };
+        let warn = |up: Option<&UpstreamCheck>| {
+            readiness(&Inputs {
+                upstream_failure: UpstreamFailure::default(),
+                ..inputs(up, Usage::default())
+            })
+        };
+        let d = warn(Some(&down));
+        assert_eq!((d.status, d.status.http_status()), (Status::Warn, 200));
+        assert_eq!(
+            parse(&d)["checks"]["upstream:responseTime"][0]["status"],
+            "fail"
+        );
+        assert_eq!(warn(None).status, Status::Warn);
+        assert_eq!(warn(Some(&ok(NOW - 10_000))).status, Status::Warn);
+        assert_eq!(warn(Some(&ok(NOW))).status, Status::Pass);
     }
 
     #[test]

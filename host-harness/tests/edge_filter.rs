@@ -130,7 +130,7 @@ fn vary_variants_are_separate() {
 fn health_endpoints_and_readiness_follow_the_upstream_check() {
     let h = Harness::from_file(wasm())
         .vm_id("edge-filter")
-        .plugin_config(r#"{"health":{"check_period_ms":1000}}"#)
+        .plugin_config(r#"{"health":{"check_period_ms":1000,"upstream_failure":"fail"}}"#)
         .cluster("upstream", |req| {
             assert!(req.headers.iter().any(|(k, v)| k == b":path" && v == b"/"));
             CallReply::Respond {

@@ -267,6 +267,10 @@ pub fn shipped_plugin_config() -> String {
 /// Health checks every 200 ms so readiness changes show within a second.
 pub const FAST_HEALTH: &str = r#"{"health": {"check_period_ms": 200, "check_timeout_ms": 500}}"#;
 
+/// [`FAST_HEALTH`] with readiness failing (503) while the upstream does.
+pub const FAST_HEALTH_STRICT: &str =
+    r#"{"health": {"check_period_ms": 200, "check_timeout_ms": 500, "upstream_failure": "fail"}}"#;
+
 /// What a scenario works with: the proxy (restarted on demand with another plugin JSON)
 /// and the origin, which answers every scenario's paths (see [`origin_reply`]).
 pub struct Ctx<'a> {
@@ -1180,6 +1184,31 @@ pub fn readyz_follows_upstream(ctx: &mut Ctx<'_>) {
         );
     }
 
+    // By default an upstream that fails its check is a warning: readiness stays 200, so
+    // the fleet is not drained while the cache can still answer.
+    ctx.origin.stop();
+    let upstream_status = |doc: &Value| doc["checks"]["upstream:responseTime"][0]["status"].clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let doc = loop {
+        let r = proxy.get("/readyz");
+        assert_eq!(
+            r.status, 200,
+            "readiness must not fail on the origin by default"
+        );
+        let doc = health_json(&r);
+        if upstream_status(&doc) == "fail" || Instant::now() > deadline {
+            break doc;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(upstream_status(&doc), "fail", "{doc}");
+    assert_eq!(status_of(&doc), "warn");
+    ctx.origin.restart();
+    wait_readyz(proxy.as_ref(), 200, Duration::from_secs(10));
+
+    // `upstream_failure: fail` is the old, strict behaviour.
+    let proxy = ctx.proxy(FAST_HEALTH_STRICT);
+    wait_readyz(proxy.as_ref(), 200, Duration::from_secs(10));
     ctx.origin.stop();
     let r = wait_readyz(proxy.as_ref(), 503, Duration::from_secs(5));
     assert_eq!(status_of(&health_json(&r)), "fail");

@@ -40,7 +40,7 @@ fn metrics_are_exposed_with_labels_and_exact_counts() {
     let envoy = Envoy::start(
         up.port(),
         r#"{"cache": {"max_entries": 100, "max_total_bytes": 1000000, "max_entry_bytes": 100000},
-            "health": {"check_period_ms": 200, "check_timeout_ms": 500}}"#,
+            "health": {"check_period_ms": 200, "check_timeout_ms": 500, "upstream_failure": "fail"}}"#,
     );
 
     // Readiness: count what we saw, then compare with the counters.

@@ -461,6 +461,7 @@ impl Http {
             max_entries: c.cache.max_entries,
             max_bytes: c.cache.max_total_bytes,
             warn_ratio: c.health.cache_warn_ratio,
+            upstream_failure: c.health.upstream_failure,
         };
         let doc = match probe {
             Probe::Liveness => health::liveness(&inputs),
