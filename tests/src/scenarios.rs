@@ -373,6 +373,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: revalidated_by_304,
     },
     Scenario {
+        name: "http_date_formats",
+        run: http_date_formats,
+    },
+    Scenario {
         name: "targeted_cache_control",
         run: targeted_cache_control,
     },
@@ -562,6 +566,22 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             max_age(Reply::text(format!("slow response #{n}")))
         }
         // Fresh for 1 s; then a request carrying the validator gets a 304 with new fields.
+        // RFC 9110 §5.6.7: the obsolete date formats, which recipients must accept.
+        "/dt/rfc850" | "/dt/asctime" => {
+            let fmt = if req.path == "/dt/rfc850" {
+                rfc850
+            } else {
+                asctime
+            };
+            let now = std::time::SystemTime::now();
+            Reply::text("dated")
+                .header("Date", &fmt(now))
+                .header("Expires", &fmt(now + Duration::from_secs(600)))
+        }
+        "/dt/last-modified" => max_age(Reply::text("modified")).header(
+            "Last-Modified",
+            &asctime(std::time::SystemTime::now() - Duration::from_secs(3600)),
+        ),
         // RFC 9213: targeted fields against Cache-Control (see `targeted_cache_control`).
         "/tcc/cdn" => Reply::text("cdn decides")
             .header("Cache-Control", "no-store")
@@ -852,6 +872,68 @@ pub fn no_store(ctx: &mut Ctx<'_>) {
         );
         assert_eq!(ctx.origin.count("/ns/secret"), n);
     }
+}
+
+/// `t` as an RFC 850 date (`Sunday, 06-Nov-94 08:49:37 GMT`), from its IMF-fixdate.
+pub fn rfc850(t: std::time::SystemTime) -> String {
+    let imf = httpdate::fmt_http_date(t);
+    let p: Vec<&str> = imf.split([' ', ',']).filter(|s| !s.is_empty()).collect();
+    let day = match p[0] {
+        "Mon" => "Monday",
+        "Tue" => "Tuesday",
+        "Wed" => "Wednesday",
+        "Thu" => "Thursday",
+        "Fri" => "Friday",
+        "Sat" => "Saturday",
+        _ => "Sunday",
+    };
+    format!("{day}, {}-{}-{} {} GMT", p[1], p[2], &p[3][2..], p[4])
+}
+
+/// `t` as an asctime date (`Sun Nov  6 08:49:37 1994`), from its IMF-fixdate.
+pub fn asctime(t: std::time::SystemTime) -> String {
+    let imf = httpdate::fmt_http_date(t);
+    let p: Vec<&str> = imf.split([' ', ',']).filter(|s| !s.is_empty()).collect();
+    let day: u32 = p[1].parse().expect("day");
+    format!("{} {} {day:>2} {} {}", p[0], p[2], p[4], p[3])
+}
+
+/// RFC 9110 §5.6.7: every date the cache reads is accepted in all three formats: `Expires`
+/// and `Date` in RFC 850 and asctime form give the entry its lifetime, and an asctime
+/// `Last-Modified` answers an RFC 850 `If-Modified-Since` with a 304 from the cache.
+pub fn http_date_formats(ctx: &mut Ctx<'_>) {
+    let proxy = ctx.shipped();
+    for path in ["/dt/rfc850", "/dt/asctime"] {
+        assert_eq!(proxy.get(path).status, 200);
+        let r = proxy.get(path);
+        let ttl = hit_ttl(&r);
+        assert!(
+            (590..=600).contains(&ttl),
+            "{path}: ttl {ttl} from Expires - Date"
+        );
+        assert_eq!(ctx.origin.count(path), 1, "{path}");
+    }
+    let r = proxy.get("/dt/last-modified");
+    let lm = r
+        .header("last-modified")
+        .expect("Last-Modified")
+        .to_string();
+    assert_eq!(
+        lm.split_whitespace().count(),
+        5,
+        "asctime passed through: {lm}"
+    );
+    let since = rfc850(httpdate::parse_http_date(&lm).expect("asctime parses"));
+    let r = proxy.get_with(
+        "/dt/last-modified",
+        &[("If-Modified-Since", since.as_str())],
+    );
+    assert_eq!(
+        r.status, 304,
+        "If-Modified-Since {since} against Last-Modified {lm}"
+    );
+    assert!(CacheStatus::of(&r).has("hit"));
+    assert_eq!(ctx.origin.count("/dt/last-modified"), 1);
 }
 
 /// RFC 9213: a valid `CDN-Cache-Control` decides over `Cache-Control` (its `max-age` stores a
