@@ -58,6 +58,13 @@ pub struct CacheConfig {
     /// Targeted cache-control fields this cache obeys, first valid one wins (RFC 9213):
     /// e.g. `["edge-cache-control", "cdn-cache-control"]`. Empty: `Cache-Control` only.
     pub targeted_cache_control: Vec<String>,
+    /// Content codings the origin uses, in its preference order: a request's
+    /// `Accept-Encoding` is reduced to those it accepts before the lookup and upstream
+    /// (`identity` when none). Empty: left alone.
+    pub normalize_accept_encoding: Vec<String>,
+    /// Languages the origin serves, its default first: a request's `Accept-Language` is
+    /// reduced to the one it prefers (else the default). Empty: left alone.
+    pub normalize_accept_language: Vec<String>,
 }
 
 /// Limits that keep the shared index and the per-request work bounded.
@@ -66,6 +73,8 @@ pub mod limits {
     pub const MAX_ENTRIES: u32 = 1 << 16;
     /// Largest single entry: Proxy-Wasm buffers and shared-data values are u32-sized.
     pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
+    /// Most values in a normalisation list (each subset of codings can be a variant).
+    pub const MAX_NORMALIZED_VALUES: usize = 8;
     /// Most targeted cache-control field names.
     pub const MAX_TARGETED_FIELDS: usize = 8;
     /// Shortest readiness check period.
@@ -93,6 +102,8 @@ impl Default for CacheConfig {
             coalesce: true,
             coalesce_timeout_ms: 5_000,
             targeted_cache_control: vec!["cdn-cache-control".into()],
+            normalize_accept_encoding: Vec::new(),
+            normalize_accept_language: Vec::new(),
         }
     }
 }
@@ -317,6 +328,35 @@ impl Config {
                 ));
             }
         }
+        for (field, list, ok) in [
+            (
+                "cache.normalize_accept_encoding",
+                &c.normalize_accept_encoding,
+                (|n: &str| n.bytes().all(crate::field::is_tchar) && n != "*") as fn(&str) -> bool,
+            ),
+            (
+                "cache.normalize_accept_language",
+                &c.normalize_accept_language,
+                |n: &str| {
+                    // RFC 5646 tags: alphanumeric subtags joined by hyphens.
+                    n.split('-')
+                        .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric()))
+                },
+            ),
+        ] {
+            if list.len() > limits::MAX_NORMALIZED_VALUES {
+                return Err(ConfigError::new(
+                    field,
+                    format!("at most {} values", limits::MAX_NORMALIZED_VALUES),
+                ));
+            }
+            if let Some(bad) = list.iter().find(|n| n.is_empty() || !ok(n)) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{bad:?} is not a valid value"),
+                ));
+            }
+        }
         for &s in &c.statuses {
             // 206 needs range assembly and 304 is not a complete response (RFC 9111 §3.3, §4.3.4).
             if !(200..=599).contains(&s) || s == 206 || s == 304 {
@@ -434,6 +474,29 @@ fn strip_position(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalisation_lists_are_checked() {
+        let c = Config::parse(
+            br#"{"cache":{"normalize_accept_encoding":["br","gzip"],"normalize_accept_language":["en","de-CH"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.cache.normalize_accept_encoding, ["br", "gzip"]);
+        for (field, bad) in [
+            ("normalize_accept_encoding", r#"["g zip"]"#),
+            ("normalize_accept_encoding", r#"["*"]"#),
+            ("normalize_accept_language", r#"["en_US"]"#),
+            ("normalize_accept_language", r#"["en-"]"#),
+            (
+                "normalize_accept_language",
+                r#"["a","b","c","d","e","f","g","h","i"]"#,
+            ),
+        ] {
+            let json = format!(r#"{{"cache":{{"{field}":{bad}}}}}"#);
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field(), format!("cache.{field}"), "{bad}");
+        }
+    }
 
     #[test]
     fn upstream_failure_is_warn_or_fail() {

@@ -377,6 +377,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: http_date_formats,
     },
     Scenario {
+        name: "variant_normalisation",
+        run: variant_normalisation,
+    },
+    Scenario {
         name: "targeted_cache_control",
         run: targeted_cache_control,
     },
@@ -582,6 +586,16 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             "Last-Modified",
             &asctime(std::time::SystemTime::now() - Duration::from_secs(3600)),
         ),
+        // Variants by Accept-Encoding / Accept-Language, naming the value the origin saw.
+        "/vn/ae" | "/vn/al" => {
+            let name = if req.path == "/vn/ae" {
+                "Accept-Encoding"
+            } else {
+                "Accept-Language"
+            };
+            let seen = req.headers.get(name).unwrap_or("(none)").to_string();
+            max_age(Reply::text(format!("{name}: {seen}"))).header("Vary", name)
+        }
         // RFC 9213: targeted fields against Cache-Control (see `targeted_cache_control`).
         "/tcc/cdn" => Reply::text("cdn decides")
             .header("Cache-Control", "no-store")
@@ -871,6 +885,47 @@ pub fn no_store(ctx: &mut Ctx<'_>) {
             Some("edge-filter; fwd=uri-miss; fwd-status=200; detail=no-store")
         );
         assert_eq!(ctx.origin.count("/ns/secret"), n);
+    }
+}
+
+/// `cache.normalize_accept_encoding` and `_accept_language` reduce a browser population's
+/// values to what the origin uses: requests that differ only in codings or languages the
+/// origin does not use share a variant, and the upstream receives the reduced value.
+pub fn variant_normalisation(ctx: &mut Ctx<'_>) {
+    let mut v: Value = serde_json::from_str(&shipped_plugin_config()).expect("shipped JSON");
+    v["cache"]["normalize_accept_encoding"] = serde_json::json!(["br", "gzip"]);
+    v["cache"]["normalize_accept_language"] = serde_json::json!(["en", "fr"]);
+    let proxy = ctx.proxy(&v.to_string());
+    let ask = |path: &str, name: &str, value: &str| {
+        let r = proxy.get_with(path, &[(name, value)]);
+        assert_eq!(r.status, 200, "{path} {name}: {value}");
+        (r.text(), CacheStatus::of(&r).has("hit"))
+    };
+    let ae = "Accept-Encoding";
+    for (value, seen, hit, fetches) in [
+        ("gzip, deflate", "gzip", false, 1),
+        ("deflate, GZIP;q=0.5", "gzip", true, 1),
+        ("gzip", "gzip", true, 1),
+        ("br, gzip, zstd", "br, gzip", false, 2),
+        ("deflate", "identity", false, 3),
+        ("gzip;q=0", "identity", true, 3),
+    ] {
+        let (text, was_hit) = ask("/vn/ae", ae, value);
+        assert_eq!(text, format!("{ae}: {seen}"), "{value}");
+        assert_eq!(was_hit, hit, "{value}");
+        assert_eq!(ctx.origin.count("/vn/ae"), fetches, "{value}");
+    }
+    let al = "Accept-Language";
+    for (value, seen, hit, fetches) in [
+        ("en-US,en;q=0.9", "en", false, 1),
+        ("en", "en", true, 1),
+        ("fr-CA, en;q=0.5", "fr", false, 2),
+        ("ja", "en", true, 2),
+    ] {
+        let (text, was_hit) = ask("/vn/al", al, value);
+        assert_eq!(text, format!("{al}: {seen}"), "{value}");
+        assert_eq!(was_hit, hit, "{value}");
+        assert_eq!(ctx.origin.count("/vn/al"), fetches, "{value}");
     }
 }
 

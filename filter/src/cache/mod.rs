@@ -23,6 +23,7 @@ pub mod eviction;
 pub mod freshness;
 pub mod key;
 pub mod lookup;
+pub mod normalize;
 pub mod policy;
 pub mod status;
 #[allow(clippy::indexing_slicing)]

@@ -10,6 +10,7 @@ use crate::cache::entry::{self, EntryView, ResponseView};
 use crate::cache::freshness;
 use crate::cache::key::CacheKey;
 use crate::cache::lookup::{self, Found, Hit};
+use crate::cache::normalize;
 use crate::cache::policy::{
     self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
@@ -184,6 +185,8 @@ impl Http {
                 return Action::Continue;
             }
         };
+        let mut headers = headers;
+        normalize_request(&state.config.cache, &mut headers);
         let now = self.now_ms();
         let mut lookup = Lookup {
             key,
@@ -852,6 +855,37 @@ pub fn send_stored(
     // The host refuses only when the stream is already gone: nothing left to answer.
     let _ = abi::send_response(status, &headers, body);
     status
+}
+
+/// Reduces `Accept-Encoding` and `Accept-Language` to what the origin uses (RFC 9111 §4.1),
+/// in the headers the lookup reads and in the request the upstream gets: the variant is
+/// chosen by what is forwarded.
+fn normalize_request(c: &CacheConfig, headers: &mut OwnedFields) {
+    type Rule = fn(&str, &[String]) -> String;
+    let rules: [(&str, &[String], Rule); 2] = [
+        (
+            "accept-encoding",
+            &c.normalize_accept_encoding,
+            normalize::accept_encoding,
+        ),
+        (
+            "accept-language",
+            &c.normalize_accept_language,
+            normalize::accept_language,
+        ),
+    ];
+    for (name, list, rule) in rules {
+        let lines = values(headers, name);
+        if list.is_empty() || lines.is_empty() {
+            continue;
+        }
+        let joined: Vec<_> = lines.iter().map(|v| text(v)).collect();
+        let value = rule(&joined.join(", "), list);
+        if abi::set_header(Map::Request, name, value.as_bytes()).is_ok() {
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name.as_bytes()));
+            headers.push((name.as_bytes().to_vec(), value.into_bytes()));
+        }
+    }
 }
 
 /// This cache's `Cache-Status` member, with the key when debugging is configured.
