@@ -381,6 +381,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: variant_normalisation,
     },
     Scenario {
+        name: "range_from_cache",
+        run: range_from_cache,
+    },
+    Scenario {
         name: "targeted_cache_control",
         run: targeted_cache_control,
     },
@@ -596,6 +600,12 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             let seen = req.headers.get(name).unwrap_or("(none)").to_string();
             max_age(Reply::text(format!("{name}: {seen}"))).header("Vary", name)
         }
+        // A 1000-byte object for Range requests; the origin ignores Range (a 200 always).
+        "/rg/obj" | "/rg/other" => Reply::new(200)
+            .header("Cache-Control", "max-age=600")
+            .header("Content-Type", "application/octet-stream")
+            .header("ETag", "\"rg1\"")
+            .body(patterned(1000)),
         // RFC 9213: targeted fields against Cache-Control (see `targeted_cache_control`).
         "/tcc/cdn" => Reply::text("cdn decides")
             .header("Cache-Control", "no-store")
@@ -927,6 +937,77 @@ pub fn variant_normalisation(ctx: &mut Ctx<'_>) {
         assert_eq!(was_hit, hit, "{value}");
         assert_eq!(ctx.origin.count("/vn/al"), fetches, "{value}");
     }
+}
+
+/// RFC 9110 §14: a stored 200 answers single ranges with 206 and `Content-Range`, all
+/// unsatisfiable ranges with 416 `bytes */len`, several ranges and a failed `If-Range`
+/// with the whole 200. A miss for `bytes=0-` is fetched without Range and fills the
+/// cache; other ranges on a miss reach the origin as sent.
+pub fn range_from_cache(ctx: &mut Ctx<'_>) {
+    let proxy = ctx.shipped();
+    let body = patterned(1000);
+    let get = |path: &str, headers: &[(&str, &str)]| proxy.get_with(path, headers);
+    let r = get("/rg/obj", &[("Range", "bytes=0-")]);
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+    let seen = ctx.origin.requests();
+    let fetched = seen
+        .iter()
+        .find(|q| q.path == "/rg/obj")
+        .expect("origin request");
+    assert_eq!(
+        fetched.headers.get("range"),
+        None,
+        "bytes=0- is fetched whole"
+    );
+    for (range, first, last) in [
+        ("bytes=10-19", 10, 19),
+        ("bytes=-5", 995, 999),
+        ("bytes=990-2000", 990, 999),
+        ("bytes=0-0", 0, 0),
+    ] {
+        let r = get("/rg/obj", &[("Range", range)]);
+        assert_eq!(r.status, 206, "{range}");
+        assert!(CacheStatus::of(&r).has("hit"), "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {first}-{last}/1000").as_str()),
+            "{range}"
+        );
+        assert_eq!(r.body, &body[first..=last], "{range}");
+        assert_eq!(r.header("etag"), Some("\"rg1\""));
+    }
+    let r = get("/rg/obj", &[("Range", "bytes=1000-")]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */1000"));
+    for headers in [
+        &[("Range", "bytes=0-1, 5-6")][..],
+        &[("Range", "bytes=0-0"), ("If-Range", "\"other\"")][..],
+        &[("Range", "items=0-1")][..],
+    ] {
+        let r = get("/rg/obj", headers);
+        assert_eq!((r.status, r.body.len()), (200, 1000), "{headers:?}");
+    }
+    let r = get(
+        "/rg/obj",
+        &[("Range", "bytes=0-0"), ("If-Range", "\"rg1\"")],
+    );
+    assert_eq!((r.status, r.body.as_slice()), (206, &body[..1]));
+    let r = proxy.request("HEAD", "/rg/obj", &[("Range", "bytes=0-0")], b"");
+    assert_eq!(r.status, 200, "Range applies to GET only");
+    assert_eq!(
+        ctx.origin.count("/rg/obj"),
+        1,
+        "every range came from the cache"
+    );
+
+    // Another range on a miss reaches the origin as sent.
+    get("/rg/other", &[("Range", "bytes=5-9")]);
+    let seen = ctx.origin.requests();
+    let fetched = seen
+        .iter()
+        .find(|q| q.path == "/rg/other")
+        .expect("origin request");
+    assert_eq!(fetched.headers.get("range"), Some("bytes=5-9"));
 }
 
 /// `t` as an RFC 850 date (`Sunday, 06-Nov-94 08:49:37 GMT`), from its IMF-fixdate.

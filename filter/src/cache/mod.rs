@@ -25,6 +25,7 @@ pub mod key;
 pub mod lookup;
 pub mod normalize;
 pub mod policy;
+pub mod range;
 pub mod status;
 #[allow(clippy::indexing_slicing)]
 pub mod store;

@@ -57,6 +57,7 @@ extern "C" {
         value: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
     fn proxy_get_buffer_bytes(
         buffer: u32,
         start: usize,
@@ -161,6 +162,11 @@ pub fn set_header(map: Map, name: &str, value: &[u8]) -> Result<(), HostError> {
             value.len(),
         )
     })
+}
+
+/// Removes every value of one header.
+pub fn remove_header(map: Map, name: &str) -> Result<(), HostError> {
+    check(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
 }
 
 /// Up to `max` bytes of a buffer from `start`.

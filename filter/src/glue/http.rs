@@ -14,6 +14,7 @@ use crate::cache::normalize;
 use crate::cache::policy::{
     self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
+use crate::cache::range;
 use crate::cache::status::{self, CacheStatus};
 use crate::config::CacheConfig;
 use crate::field::{first, text, values, OwnedFields};
@@ -213,6 +214,18 @@ impl Http {
                 }
             }
         }
+        // A miss for `Range: bytes=0-` (the whole body, as a player's first request asks):
+        // fetched without Range, a 200 answers it and fills the cache; later ranges are
+        // then answered from the entry. Other ranges go upstream as they are.
+        let miss = matches!(self.fwd, Forward::UriMiss | Forward::VaryMiss);
+        if miss && range::is_whole_from_start(&lookup.headers) {
+            for name in ["range", "if-range"] {
+                if abi::remove_header(Map::Request, name).is_ok() {
+                    let n = name.as_bytes();
+                    lookup.headers.retain(|(h, _)| !h.eq_ignore_ascii_case(n));
+                }
+            }
+        }
         // RFC 9111 §5.2.1.7: only-if-cached with nothing usable is a 504.
         if lookup.policy.cc.only_if_cached {
             let cs = member(state, &self.forward_status(None), Some(&lookup.key));
@@ -369,7 +382,8 @@ impl Http {
     ) -> Action {
         self.local_reply = true;
         let key = Some(&lookup.key);
-        self.status = send_stored(state, lookup.head, key, r, age, &cs, not_modified);
+        let form = Form::of(lookup.head, not_modified, &lookup.headers, r);
+        self.status = send_stored(state, key, r, age, &cs, form);
         Action::Pause
     }
 
@@ -819,35 +833,75 @@ impl Drop for Http {
     }
 }
 
-/// Answers the effective stream from a stored response: its status (or 304 when the
-/// client's precondition failed), headers plus `Age` and `Cache-Status`, and body (Envoy
-/// drops it for HEAD but keeps its length). Returns the status sent.
+/// What a stored response answers one request with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// 304: the client's precondition failed.
+    NotModified,
+    /// The stored response without its body.
+    Head,
+    /// A GET: the whole response, a 206 range of it or a 416 (RFC 9110 §14).
+    Get(range::Answer),
+}
+
+impl Form {
+    /// The form for a request with `req` headers.
+    pub fn of(head: bool, not_modified: bool, req: &OwnedFields, r: &ResponseView<'_>) -> Form {
+        if not_modified {
+            Form::NotModified
+        } else if head {
+            Form::Head
+        } else {
+            let len = r.body.len() as u64;
+            Form::Get(range::evaluate(req, &r.headers, r.meta.status, len))
+        }
+    }
+}
+
+/// Answers the effective stream from a stored response in `form`: its status (or 304, 206,
+/// 416), headers plus `Age`, `Cache-Status` and `Content-Range` where it applies, and body
+/// (Envoy drops it for HEAD but keeps its length). Returns the status sent.
 pub fn send_stored(
     state: &State,
-    head: bool,
     key: Option<&CacheKey>,
     r: &ResponseView<'_>,
     age: u64,
     cs: &CacheStatus,
-    not_modified: bool,
+    form: Form,
 ) -> u32 {
     let age = age.to_string();
-    let mut headers = if not_modified {
-        conditional::not_modified_headers(&r.headers)
-    } else {
-        r.headers.clone()
+    let len = r.body.len() as u64;
+    let content_range = match form {
+        Form::Get(answer) => answer.content_range(len),
+        _ => None,
     };
+    let mut headers = match form {
+        Form::NotModified => conditional::not_modified_headers(&r.headers),
+        // §15.5.17: a 416 describes the range, not the representation.
+        Form::Get(range::Answer::Unsatisfiable) => Vec::new(),
+        _ => r.headers.clone(),
+    };
+    if let Some(cr) = &content_range {
+        headers.push((b"content-range", cr.as_bytes()));
+    }
     headers.push((b"age", age.as_bytes()));
     let cs = member(state, cs, key);
     if state.config.cache.cache_status {
         headers.push((b"cache-status", cs.as_bytes()));
     }
-    let (status, body) = if not_modified {
-        (304, &b""[..])
-    } else {
-        (u32::from(r.meta.status), r.body)
+    let (status, body) = match form {
+        Form::NotModified => (304, &b""[..]),
+        Form::Get(range::Answer::Unsatisfiable) => (416, &b""[..]),
+        Form::Get(range::Answer::Partial { first, last }) => {
+            let part = usize::try_from(first)
+                .ok()
+                .zip(usize::try_from(last).ok())
+                .and_then(|(f, l)| r.body.get(f..=l));
+            (206, part.unwrap_or_default())
+        }
+        Form::Get(range::Answer::Full) | Form::Head => (u32::from(r.meta.status), r.body),
     };
-    if !head {
+    if form != Form::Head {
         state
             .metrics
             .add(state.metrics.served_bytes, body.len() as u64);

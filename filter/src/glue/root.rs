@@ -517,7 +517,8 @@ fn serve_waiter(state: &mut State, p: &Pending, w: &Waiter, now: u64) -> bool {
         detail: None,
     };
     let not_modified = eval == conditional::Evaluation::NotModified;
-    super::http::send_stored(state, w.head, Some(&p.key), &r, age, &cs, not_modified);
+    let form = super::http::Form::of(w.head, not_modified, &w.headers, &r);
+    super::http::send_stored(state, Some(&p.key), &r, age, &cs, form);
     true
 }
 
