@@ -65,6 +65,20 @@ pub struct CacheConfig {
     /// Languages the origin serves, its default first: a request's `Accept-Language` is
     /// reduced to the one it prefers (else the default). Empty: left alone.
     pub normalize_accept_language: Vec<String>,
+    /// Requests kept away from the cache (forwarded untouched).
+    pub bypass: BypassConfig,
+}
+
+/// Requests that bypass the cache: any rule that matches is enough.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BypassConfig {
+    /// Paths (with their query) that start with one of these, e.g. `/admin`.
+    pub path_prefixes: Vec<String>,
+    /// Request headers whose presence bypasses, e.g. `x-debug`.
+    pub headers: Vec<String>,
+    /// Cookie names whose presence bypasses, e.g. a session cookie.
+    pub cookies: Vec<String>,
 }
 
 /// Limits that keep the shared index and the per-request work bounded.
@@ -75,6 +89,8 @@ pub mod limits {
     pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
     /// Most values in a normalisation list (each subset of codings can be a variant).
     pub const MAX_NORMALIZED_VALUES: usize = 8;
+    /// Most entries in each bypass list (each request checks them all).
+    pub const MAX_BYPASS_RULES: usize = 32;
     /// Most targeted cache-control field names.
     pub const MAX_TARGETED_FIELDS: usize = 8;
     /// Shortest readiness check period.
@@ -104,6 +120,7 @@ impl Default for CacheConfig {
             targeted_cache_control: vec!["cdn-cache-control".into()],
             normalize_accept_encoding: Vec::new(),
             normalize_accept_language: Vec::new(),
+            bypass: BypassConfig::default(),
         }
     }
 }
@@ -357,6 +374,31 @@ impl Config {
                 ));
             }
         }
+        let b = &c.bypass;
+        let token = |n: &String| !n.is_empty() && n.bytes().all(crate::field::is_tchar);
+        for (field, list, ok) in [
+            (
+                "cache.bypass.path_prefixes",
+                &b.path_prefixes,
+                (|p: &String| p.starts_with('/') && p.bytes().all(|c| (0x21..0x7f).contains(&c)))
+                    as fn(&String) -> bool,
+            ),
+            ("cache.bypass.headers", &b.headers, token),
+            ("cache.bypass.cookies", &b.cookies, token),
+        ] {
+            if list.len() > limits::MAX_BYPASS_RULES {
+                return Err(ConfigError::new(
+                    field,
+                    format!("at most {} entries", limits::MAX_BYPASS_RULES),
+                ));
+            }
+            if let Some(bad) = list.iter().find(|v| !ok(v)) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{bad:?} is not valid here"),
+                ));
+            }
+        }
         for &s in &c.statuses {
             // 206 needs range assembly and 304 is not a complete response (RFC 9111 §3.3, §4.3.4).
             if !(200..=599).contains(&s) || s == 206 || s == 304 {
@@ -496,6 +538,27 @@ mod tests {
             let e = Config::parse(json.as_bytes()).unwrap_err();
             assert_eq!(e.field(), format!("cache.{field}"), "{bad}");
         }
+    }
+
+    #[test]
+    fn bypass_rules_are_checked() {
+        let c = Config::parse(
+            br#"{"cache":{"bypass":{"path_prefixes":["/admin"],"headers":["x-debug"],"cookies":["session"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.cache.bypass.cookies, ["session"]);
+        for (field, bad) in [
+            ("path_prefixes", r#"["admin"]"#),
+            ("path_prefixes", r#"["/a b"]"#),
+            ("headers", r#"["x y"]"#),
+            ("cookies", r#"[""]"#),
+        ] {
+            let json = format!(r#"{{"cache":{{"bypass":{{"{field}":{bad}}}}}}}"#);
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field(), format!("cache.bypass.{field}"), "{bad}");
+        }
+        let e = Config::parse(br#"{"cache":{"bypass":{"paths":["/a"]}}}"#).unwrap_err();
+        assert_eq!(e.field(), "cache.bypass.paths");
     }
 
     #[test]

@@ -385,6 +385,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: range_from_cache,
     },
     Scenario {
+        name: "bypass_rules",
+        run: bypass_rules,
+    },
+    Scenario {
         name: "targeted_cache_control",
         run: targeted_cache_control,
     },
@@ -606,6 +610,7 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             .header("Content-Type", "application/octet-stream")
             .header("ETag", "\"rg1\"")
             .body(patterned(1000)),
+        p if p.starts_with("/bp/") => max_age(Reply::text(format!("bypass test {p}"))),
         // RFC 9213: targeted fields against Cache-Control (see `targeted_cache_control`).
         "/tcc/cdn" => Reply::text("cdn decides")
             .header("Cache-Control", "no-store")
@@ -1008,6 +1013,44 @@ pub fn range_from_cache(ctx: &mut Ctx<'_>) {
         .find(|q| q.path == "/rg/other")
         .expect("origin request");
     assert_eq!(fetched.headers.get("range"), Some("bytes=5-9"));
+}
+
+/// `cache.bypass`: a path prefix, a request header or a cookie keeps a request away from
+/// the cache (`fwd=bypass; detail=bypass-rule`, nothing stored or served); others still hit.
+pub fn bypass_rules(ctx: &mut Ctx<'_>) {
+    let mut v: Value = serde_json::from_str(&shipped_plugin_config()).expect("shipped JSON");
+    v["cache"]["bypass"] = serde_json::json!({
+        "path_prefixes": ["/bp/admin"],
+        "headers": ["x-debug"],
+        "cookies": ["session"]
+    });
+    let proxy = ctx.proxy(&v.to_string());
+    let bypassed = |path: &str, headers: &[(&str, &str)]| {
+        for _ in 0..2 {
+            let r = proxy.get_with(path, headers);
+            assert_eq!(r.status, 200);
+            let cs = CacheStatus::of(&r);
+            assert_eq!(cs.param("fwd"), Some("bypass"), "{path} {headers:?}");
+            assert_eq!(
+                cs.param("detail"),
+                Some("bypass-rule"),
+                "{path} {headers:?}"
+            );
+        }
+    };
+    bypassed("/bp/admin/users", &[]);
+    assert_eq!(ctx.origin.count("/bp/admin/users"), 2);
+    // Stored by a plain request, the entry is still not served to a bypassing one.
+    assert!(!CacheStatus::of(&proxy.get("/bp/page")).has("hit"));
+    assert!(CacheStatus::of(&proxy.get("/bp/page")).has("hit"));
+    bypassed("/bp/page", &[("X-Debug", "1")]);
+    bypassed("/bp/page", &[("Cookie", "theme=dark; session=abc")]);
+    assert_eq!(ctx.origin.count("/bp/page"), 5);
+    let r = proxy.get_with("/bp/page", &[("Cookie", "sessionid=1")]);
+    assert!(
+        CacheStatus::of(&r).has("hit"),
+        "only the exact cookie name bypasses"
+    );
 }
 
 /// `t` as an RFC 850 date (`Sunday, 06-Nov-94 08:49:37 GMT`), from its IMF-fixdate.

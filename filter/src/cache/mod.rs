@@ -15,6 +15,7 @@
     )
 )]
 
+pub mod bypass;
 pub mod cache_control;
 pub mod conditional;
 pub mod entry;

@@ -5,6 +5,7 @@
 use super::abi::{self, Buffer, Map};
 use super::host::{now_ms, now_us};
 use super::root::{self, Pending, RefreshJob, State, Waiter, READY_KEY};
+use crate::cache::bypass;
 use crate::cache::conditional::{self, Evaluation};
 use crate::cache::entry::{self, EntryView, ResponseView};
 use crate::cache::freshness;
@@ -58,6 +59,9 @@ enum Role {
     /// Paused, waiting for the leader of this key.
     Waiter(CacheKey),
 }
+
+/// `Cache-Status` detail of a request a `cache.bypass` rule kept away from the cache.
+const BYPASS_RULE: &str = "bypass-rule";
 
 /// Most requests that wait for one leader; later ones go upstream themselves.
 const MAX_WAITERS: usize = 256;
@@ -186,6 +190,11 @@ impl Http {
                 return Action::Continue;
             }
         };
+        // The operator's bypass rules: forwarded untouched, never stored.
+        if bypass::matches(&state.config.cache.bypass, &path, &headers) {
+            self.detail = Some(BYPASS_RULE);
+            return Action::Continue;
+        }
         let mut headers = headers;
         normalize_request(&state.config.cache, &mut headers);
         let now = self.now_ms();
