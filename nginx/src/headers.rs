@@ -332,7 +332,28 @@ pub(crate) unsafe fn apply_request_headers(
 ) -> Result<Vec<String>, ()> {
     let mut ignored = Vec::new();
     let framing = |k: &[u8]| FRAMING_REQUEST_HEADERS.contains(&k);
+    // A new query on the same path is forwarded (edge-filter's cache-key query policy:
+    // what it keys is what goes upstream); any other `:path` change is reported.
+    let (old_paths, new_paths) = (values(old, b":path"), values(new, b":path"));
+    let new_query = match (old_paths.as_slice(), new_paths.as_slice()) {
+        ([o], [n]) if o != n => query_change(o, n),
+        _ => None,
+    };
+    if let Some(q) = new_query {
+        let (Some(uri), Some(args)) = (pool_str(r, q.target), pool_str(r, q.args)) else {
+            return Err(());
+        };
+        (*r).unparsed_uri = uri;
+        (*r).set_valid_unparsed_uri(1);
+        (*r).args = ngx_str_t {
+            len: q.args.len(),
+            data: args.data,
+        };
+    }
     for (k, _) in old.iter().chain(new.iter()) {
+        if k == b":path" && new_query.is_some() {
+            continue;
+        }
         if (k.starts_with(b":") || framing(k)) && values(old, k) != values(new, k) {
             let name = String::from_utf8_lossy(k).into_owned();
             if !ignored.contains(&name) {
@@ -399,6 +420,35 @@ pub(crate) unsafe fn apply_request_headers(
     hi.via = first(b"via");
     hi.date = first(b"date");
     Ok(ignored)
+}
+
+/// A `:path` change that only replaces the query of an origin-form target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueryChange<'a> {
+    /// The new target, path and query.
+    pub target: &'a [u8],
+    /// The new query without `?` (empty when there is none).
+    pub args: &'a [u8],
+}
+
+/// The query-only change from `old` to `new`, if that is all it is: the part before `?`
+/// is the same and starts with `/`, and the new target has no byte a request line cannot
+/// carry.
+pub(crate) fn query_change<'a>(old: &[u8], new: &'a [u8]) -> Option<QueryChange<'a>> {
+    let split = |t: &'a [u8]| -> (&'a [u8], &'a [u8]) {
+        match t.iter().position(|&b| b == b'?') {
+            Some(i) => (
+                t.get(..i).unwrap_or_default(),
+                t.get(i + 1..).unwrap_or_default(),
+            ),
+            None => (t, &[][..]),
+        }
+    };
+    let old_path = old.split(|&b| b == b'?').next().unwrap_or_default();
+    let (new_path, args) = split(new);
+    let visible = new.iter().all(|&b| (0x21..0x7f).contains(&b));
+    (old_path == new_path && old_path.starts_with(b"/") && visible)
+        .then_some(QueryChange { target: new, args })
 }
 
 /// The first request header entry named `name`.
@@ -526,6 +576,23 @@ mod tests {
             assert!(!get(&p, b":path").starts_with(b"/"));
             assert_eq!(get(&p, b":authority"), b"b.test");
         }
+    }
+
+    #[test]
+    fn only_query_changes_of_origin_form_targets_apply() {
+        let q = query_change(b"/p?utm_source=x&id=1", b"/p?id=1").expect("query change");
+        assert_eq!((q.target, q.args), (&b"/p?id=1"[..], &b"id=1"[..]));
+        let q = query_change(b"/p?utm=1", b"/p").expect("query removed");
+        assert_eq!((q.target, q.args), (&b"/p"[..], &b""[..]));
+        assert_eq!(query_change(b"/p", b"/q"), None, "another path");
+        assert_eq!(query_change(b"/p?a", b"/q?a"), None);
+        assert_eq!(query_change(b"http://h/p?a", b"http://h/p"), None);
+        assert_eq!(
+            query_change(b"/p?a", b"/p?a b"),
+            None,
+            "not a request-line byte"
+        );
+        assert_eq!(query_change(b"/p?a", b"/p?\xff"), None);
     }
 
     #[test]
