@@ -67,6 +67,28 @@ pub struct CacheConfig {
     pub normalize_accept_language: Vec<String>,
     /// Requests kept away from the cache (forwarded untouched).
     pub bypass: BypassConfig,
+    /// Query parameters dropped, kept or sorted, in the key and in what is forwarded.
+    pub query: QueryConfig,
+}
+
+/// The query policy of the cache key. The rewritten target is also what the upstream
+/// receives: the key stays what is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Parameter names dropped (a trailing `*` matches a prefix: `utm_*`).
+    pub drop: Vec<String>,
+    /// Only these parameters are kept (same patterns); exclusive with `drop`.
+    pub keep_only: Vec<String>,
+    /// Parameters sorted by name (stable: repeated names keep their order).
+    pub sort: bool,
+}
+
+impl QueryConfig {
+    /// Whether any rule changes targets.
+    pub fn is_active(&self) -> bool {
+        self.sort || !self.drop.is_empty() || !self.keep_only.is_empty()
+    }
 }
 
 /// Requests that bypass the cache: any rule that matches is enough.
@@ -121,6 +143,7 @@ impl Default for CacheConfig {
             normalize_accept_encoding: Vec::new(),
             normalize_accept_language: Vec::new(),
             bypass: BypassConfig::default(),
+            query: QueryConfig::default(),
         }
     }
 }
@@ -399,6 +422,37 @@ impl Config {
                 ));
             }
         }
+        let q = &c.query;
+        if !q.drop.is_empty() && !q.keep_only.is_empty() {
+            return Err(ConfigError::new(
+                "cache.query",
+                "drop and keep_only exclude each other",
+            ));
+        }
+        for (field, list) in [
+            ("cache.query.drop", &q.drop),
+            ("cache.query.keep_only", &q.keep_only),
+        ] {
+            let ok = |p: &String| {
+                let name = p.strip_suffix('*').unwrap_or(p);
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| (0x21..0x7f).contains(&b) && !b"&=#?*".contains(&b))
+            };
+            if list.len() > limits::MAX_BYPASS_RULES {
+                return Err(ConfigError::new(
+                    field,
+                    format!("at most {} names", limits::MAX_BYPASS_RULES),
+                ));
+            }
+            if let Some(bad) = list.iter().find(|p| !ok(p)) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{bad:?} is not a parameter name or prefix*"),
+                ));
+            }
+        }
         for &s in &c.statuses {
             // 206 needs range assembly and 304 is not a complete response (RFC 9111 §3.3, §4.3.4).
             if !(200..=599).contains(&s) || s == 206 || s == 304 {
@@ -559,6 +613,28 @@ mod tests {
         }
         let e = Config::parse(br#"{"cache":{"bypass":{"paths":["/a"]}}}"#).unwrap_err();
         assert_eq!(e.field(), "cache.bypass.paths");
+    }
+
+    #[test]
+    fn query_rules_are_checked() {
+        let c = Config::parse(br#"{"cache":{"query":{"drop":["utm_*","fbclid"],"sort":true}}}"#)
+            .unwrap();
+        assert!(c.cache.query.is_active());
+        assert!(!Config::parse(b"{}").unwrap().cache.query.is_active());
+        let e =
+            Config::parse(br#"{"cache":{"query":{"drop":["a"],"keep_only":["b"]}}}"#).unwrap_err();
+        assert_eq!(e.field(), "cache.query");
+        for bad in [
+            r#"["*"]"#,
+            r#"["a=b"]"#,
+            r#"["a&b"]"#,
+            r#"["a*b"]"#,
+            r#"[""]"#,
+        ] {
+            let json = format!(r#"{{"cache":{{"query":{{"drop":{bad}}}}}}}"#);
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field(), "cache.query.drop", "{bad}");
+        }
     }
 
     #[test]

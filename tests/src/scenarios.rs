@@ -389,6 +389,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: bypass_rules,
     },
     Scenario {
+        name: "query_key_policy",
+        run: query_key_policy,
+    },
+    Scenario {
         name: "targeted_cache_control",
         run: targeted_cache_control,
     },
@@ -610,6 +614,7 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             .header("Content-Type", "application/octet-stream")
             .header("ETag", "\"rg1\"")
             .body(patterned(1000)),
+        p if p.starts_with("/qk/") => max_age(Reply::text(format!("origin saw {p}"))),
         p if p.starts_with("/bp/") => max_age(Reply::text(format!("bypass test {p}"))),
         // RFC 9213: targeted fields against Cache-Control (see `targeted_cache_control`).
         "/tcc/cdn" => Reply::text("cdn decides")
@@ -1050,6 +1055,45 @@ pub fn bypass_rules(ctx: &mut Ctx<'_>) {
     assert!(
         CacheStatus::of(&r).has("hit"),
         "only the exact cookie name bypasses"
+    );
+}
+
+/// `cache.query`: dropped parameters (`utm_*`, `fbclid`) and parameter order neither split
+/// entries nor reach the origin, which sees the target that was keyed; a name spelt
+/// differently (`utm%5Fsource`) is another parameter, kept and forwarded.
+pub fn query_key_policy(ctx: &mut Ctx<'_>) {
+    let mut v: Value = serde_json::from_str(&shipped_plugin_config()).expect("shipped JSON");
+    v["cache"]["query"] = serde_json::json!({"drop": ["utm_*", "fbclid"], "sort": true});
+    let proxy = ctx.proxy(&v.to_string());
+    for (target, saw, hit) in [
+        ("/qk/page?utm_source=a&id=1", "/qk/page?id=1", false),
+        ("/qk/page?id=1&utm_medium=b&fbclid=z", "/qk/page?id=1", true),
+        ("/qk/page?id=1", "/qk/page?id=1", true),
+        ("/qk/page?z=1&id=1", "/qk/page?id=1&z=1", false),
+        ("/qk/page?id=1&z=1", "/qk/page?id=1&z=1", true),
+        ("/qk/page?utm_x=1", "/qk/page", false),
+        ("/qk/page?utm%5Fsource=1", "/qk/page?utm%5Fsource=1", false),
+    ] {
+        let r = proxy.get(target);
+        assert_eq!(r.text(), format!("origin saw {saw}"), "{target}");
+        assert_eq!(CacheStatus::of(&r).has("hit"), hit, "{target}");
+    }
+    let fetched: Vec<String> = ctx
+        .origin
+        .requests()
+        .into_iter()
+        .filter(|q| q.path.starts_with("/qk/"))
+        .map(|q| q.path)
+        .collect();
+    assert_eq!(
+        fetched,
+        [
+            "/qk/page?id=1",
+            "/qk/page?id=1&z=1",
+            "/qk/page",
+            "/qk/page?utm%5Fsource=1"
+        ],
+        "the origin receives exactly what is keyed"
     );
 }
 

@@ -15,6 +15,7 @@ use crate::cache::normalize;
 use crate::cache::policy::{
     self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
+use crate::cache::query;
 use crate::cache::range;
 use crate::cache::status::{self, CacheStatus};
 use crate::config::CacheConfig;
@@ -183,6 +184,25 @@ impl Http {
             }
             return Action::Continue;
         }
+        // The operator's bypass rules: forwarded untouched, never stored.
+        if bypass::matches(&state.config.cache.bypass, &path, &headers) {
+            self.detail = Some(BYPASS_RULE);
+            return Action::Continue;
+        }
+        // The query policy rewrites what is forwarded, and only then is it keyed: if the
+        // host refuses the new target, the original one is keyed.
+        let (mut path, mut headers) = (path, headers);
+        if let Some(target) = query::apply(&path, &state.config.cache.query) {
+            if abi::set_header(Map::Request, ":path", &target).is_ok() {
+                // Background refreshes send these headers: the new target too.
+                for (n, v) in headers.iter_mut() {
+                    if n.as_slice() == b":path" {
+                        v.clone_from(&target);
+                    }
+                }
+                path = target;
+            }
+        }
         let key = match Self::request_key(&headers, &path) {
             Ok(k) => k,
             Err(e) => {
@@ -190,12 +210,6 @@ impl Http {
                 return Action::Continue;
             }
         };
-        // The operator's bypass rules: forwarded untouched, never stored.
-        if bypass::matches(&state.config.cache.bypass, &path, &headers) {
-            self.detail = Some(BYPASS_RULE);
-            return Action::Continue;
-        }
-        let mut headers = headers;
         normalize_request(&state.config.cache, &mut headers);
         let now = self.now_ms();
         let mut lookup = Lookup {
