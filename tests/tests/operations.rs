@@ -195,3 +195,41 @@ fn a_full_cache_evicts_and_readiness_warns() {
         "warn not counted: {warned:?}"
     );
 }
+
+/// Envoy 1.40 gives a Wasm filter no per-route configuration (it refuses a `Wasm` config in
+/// `typed_per_filter_config`), but any filter can be disabled per route with the generic
+/// `FilterConfig`. A route so marked bypasses the filter entirely; others keep the cache.
+#[test]
+fn a_route_can_disable_the_filter() {
+    let up = Upstream::origin(|req| {
+        Reply::text(format!("entry {}", req.path)).header("Cache-Control", "max-age=60")
+    });
+    let catch_all = "              - match: { prefix: \"/\" }\n";
+    let disabled_route = r#"              - match: { prefix: "/uncached/" }
+                route: { cluster: upstream, timeout: 15s }
+                typed_per_filter_config:
+                  envoy.filters.http.wasm:
+                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                    disabled: true
+"#;
+    let edit = |yaml: &str| -> Result<String, String> {
+        yaml.contains(catch_all)
+            .then(|| yaml.replacen(catch_all, &format!("{disabled_route}{catch_all}"), 1))
+            .ok_or_else(|| "no catch-all route in the shipped envoy.yaml".to_string())
+    };
+    let envoy = Envoy::try_start_edited(up.port(), "{}", &edit).unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..2 {
+        let r = envoy.get("/uncached/a");
+        assert_eq!(r.text(), "entry /uncached/a");
+        assert_eq!(
+            r.header("cache-status"),
+            None,
+            "the filter must not run here"
+        );
+    }
+    assert_eq!(up.count("/uncached/a"), 2);
+    for _ in 0..2 {
+        assert!(envoy.get("/cached/a").header("cache-status").is_some());
+    }
+    assert_eq!(up.count("/cached/a"), 1, "other routes keep the cache");
+}
