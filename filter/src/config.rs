@@ -69,6 +69,14 @@ pub struct CacheConfig {
     pub bypass: BypassConfig,
     /// Query parameters dropped, kept or sorted, in the key and in what is forwarded.
     pub query: QueryConfig,
+    /// Request headers whose values are part of the key (each value its own variant), e.g.
+    /// a device class header set by an earlier filter.
+    pub key_headers: Vec<String>,
+    /// Cookies whose values are part of the key (exact names), e.g. a language cookie.
+    pub key_cookies: Vec<String>,
+    /// `key_headers` and `key_cookies` as the Vary names they act as (derived).
+    #[serde(skip)]
+    pub implicit_vary: Vec<String>,
 }
 
 /// The query policy of the cache key. The rewritten target is also what the upstream
@@ -144,6 +152,9 @@ impl Default for CacheConfig {
             normalize_accept_language: Vec::new(),
             bypass: BypassConfig::default(),
             query: QueryConfig::default(),
+            key_headers: Vec::new(),
+            key_cookies: Vec::new(),
+            implicit_vary: Vec::new(),
         }
     }
 }
@@ -330,6 +341,20 @@ impl Config {
             }
         }
         config.validate()?;
+        let c = &mut config.cache;
+        let cookies = c
+            .key_cookies
+            .iter()
+            .map(|n| format!("{}{n}", crate::cache::vary::COOKIE_PREFIX));
+        let mut implicit: Vec<String> = c
+            .key_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .chain(cookies)
+            .collect();
+        implicit.sort();
+        implicit.dedup();
+        c.implicit_vary = implicit;
         Ok(config)
     }
 
@@ -421,6 +446,26 @@ impl Config {
                     format!("{bad:?} is not valid here"),
                 ));
             }
+        }
+        for (field, list) in [
+            ("cache.key_headers", &c.key_headers),
+            ("cache.key_cookies", &c.key_cookies),
+        ] {
+            if let Some(bad) = list
+                .iter()
+                .find(|n| n.is_empty() || !n.bytes().all(crate::field::is_tchar))
+            {
+                return Err(ConfigError::new(field, format!("{bad:?} is not a token")));
+            }
+        }
+        if c.key_headers.len() + c.key_cookies.len() > crate::cache::vary::MAX_VARY_NAMES {
+            return Err(ConfigError::new(
+                "cache.key_headers",
+                format!(
+                    "key_headers and key_cookies together: at most {}",
+                    crate::cache::vary::MAX_VARY_NAMES
+                ),
+            ));
         }
         let q = &c.query;
         if !q.drop.is_empty() && !q.keep_only.is_empty() {
@@ -635,6 +680,22 @@ mod tests {
             let e = Config::parse(json.as_bytes()).unwrap_err();
             assert_eq!(e.field(), "cache.query.drop", "{bad}");
         }
+    }
+
+    #[test]
+    fn key_parts_become_implicit_vary_names() {
+        let c = Config::parse(br#"{"cache":{"key_headers":["X-Device"],"key_cookies":["lang"]}}"#)
+            .unwrap();
+        assert_eq!(c.cache.implicit_vary, ["cookie:lang", "x-device"]);
+        assert!(Config::parse(b"{}").unwrap().cache.implicit_vary.is_empty());
+        let e = Config::parse(br#"{"cache":{"key_cookies":["a b"]}}"#).unwrap_err();
+        assert_eq!(e.field(), "cache.key_cookies");
+        let many: Vec<String> = (0..17).map(|i| format!("\"h{i}\"")).collect();
+        let json = format!(r#"{{"cache":{{"key_headers":[{}]}}}}"#, many.join(","));
+        assert_eq!(
+            Config::parse(json.as_bytes()).unwrap_err().field(),
+            "cache.key_headers"
+        );
     }
 
     #[test]

@@ -162,6 +162,7 @@ proptest! {
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
             targets: &[],
+            implicit_vary: &[],
         };
         if let Ok(s) = policy::storable(status, &resp, &ctx) {
             let _ = policy::reuse(&s.meta, &request, now.saturating_add(s.meta.lifetime as u64));

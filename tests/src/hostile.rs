@@ -26,7 +26,7 @@ use crate::CacheStatus;
 pub const HOST: &str = "edge.test";
 
 /// The purge token of [`hostile_config`].
-const PURGE_TOKEN: &str = "hx-token";
+pub const PURGE_TOKEN: &str = "hx-token";
 
 /// Targets containing this are answered by [`echo_reply`], whatever shape the proxy
 /// forwards them in.

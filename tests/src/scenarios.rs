@@ -393,6 +393,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: query_key_policy,
     },
     Scenario {
+        name: "key_headers_and_cookies",
+        run: key_headers_and_cookies,
+    },
+    Scenario {
         name: "targeted_cache_control",
         run: targeted_cache_control,
     },
@@ -614,6 +618,11 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             .header("Content-Type", "application/octet-stream")
             .header("ETag", "\"rg1\"")
             .body(patterned(1000)),
+        p if p.starts_with("/kp/") => max_age(Reply::text(format!(
+            "device={} cookie={}",
+            req.headers.get("x-device").unwrap_or("-"),
+            req.headers.get("cookie").unwrap_or("-")
+        ))),
         p if p.starts_with("/qk/") => max_age(Reply::text(format!("origin saw {p}"))),
         p if p.starts_with("/bp/") => max_age(Reply::text(format!("bypass test {p}"))),
         // RFC 9213: targeted fields against Cache-Control (see `targeted_cache_control`).
@@ -1094,6 +1103,76 @@ pub fn query_key_policy(ctx: &mut Ctx<'_>) {
             "/qk/page?utm%5Fsource=1"
         ],
         "the origin receives exactly what is keyed"
+    );
+}
+
+/// `cache.key_headers` and `cache.key_cookies`: each value of a named header or cookie is
+/// its own entry (the origin never said `Vary`), other cookies do not split entries, and a
+/// PURGE of the URL removes them all.
+pub fn key_headers_and_cookies(ctx: &mut Ctx<'_>) {
+    let mut v: Value = serde_json::from_str(&hostile::hostile_config()).expect("JSON");
+    v["cache"]["key_headers"] = serde_json::json!(["x-device"]);
+    v["cache"]["key_cookies"] = serde_json::json!(["lang"]);
+    let proxy = ctx.proxy(&v.to_string());
+    let ask = |headers: &[(&str, &str)]| {
+        let r = proxy.get_with("/kp/page", headers);
+        assert_eq!(r.status, 200);
+        (r.text(), CacheStatus::of(&r).has("hit"))
+    };
+    for (headers, body, hit, fetches) in [
+        (
+            &[("X-Device", "mobile")][..],
+            "device=mobile cookie=-",
+            false,
+            1,
+        ),
+        (
+            &[("X-Device", "desktop")][..],
+            "device=desktop cookie=-",
+            false,
+            2,
+        ),
+        (
+            &[("X-Device", "mobile")][..],
+            "device=mobile cookie=-",
+            true,
+            2,
+        ),
+        (
+            &[("Cookie", "lang=fr; theme=dark")][..],
+            "device=- cookie=lang=fr; theme=dark",
+            false,
+            3,
+        ),
+        (
+            &[("Cookie", "theme=light; lang=fr")][..],
+            "device=- cookie=lang=fr; theme=dark",
+            true,
+            3,
+        ),
+        (
+            &[("Cookie", "lang=de")][..],
+            "device=- cookie=lang=de",
+            false,
+            4,
+        ),
+        (&[][..], "device=- cookie=-", false, 5),
+    ] {
+        let (text, was_hit) = ask(headers);
+        assert_eq!((text.as_str(), was_hit), (body, hit), "{headers:?}");
+        assert_eq!(ctx.origin.count("/kp/page"), fetches, "{headers:?}");
+    }
+    let purge = proxy.request(
+        "PURGE",
+        "/kp/page",
+        &[("x-purge-token", hostile::PURGE_TOKEN)],
+        b"",
+    );
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    let (_, was_hit) = ask(&[("X-Device", "mobile")]);
+    assert!(
+        !was_hit,
+        "a purge of the URL removes every key part's entry"
     );
 }
 

@@ -65,7 +65,7 @@ pub fn lookup<S: SharedData, F: Field>(store: &mut Store<S>, key: &CacheKey, req
                 return Found::Miss;
             };
             let names: Vec<String> = m.names.iter().map(|n| n.to_string()).collect();
-            let secondary = vary::secondary_key(&names, |n| values(req, n));
+            let secondary = vary::secondary_key(&names, |n| vary::request_values(req, n));
             let vh = variant_hash(key, &secondary);
             match store.get(vh, key.as_str()) {
                 Some(v) if is_variant(&v, &secondary) => Found::Response(Hit {
@@ -99,7 +99,7 @@ pub fn insert_response<S: SharedData, F: Field>(
     let primary = key.hash64();
     match &s.vary {
         Vary::Names(names) => {
-            let secondary = vary::secondary_key(names, |n| values(req, n));
+            let secondary = vary::secondary_key(names, |n| vary::request_values(req, n));
             let marker = entry::encode_vary(0, key.as_str(), names);
             let value =
                 entry::encode_response(0, key.as_str(), &secondary, &s.meta, &s.headers, body);
@@ -206,6 +206,7 @@ mod tests {
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
             targets: &[],
+            implicit_vary: &[],
         }
     }
 

@@ -210,6 +210,8 @@ pub struct StoreContext<'a> {
     pub heuristic_max_secs: u64,
     /// Targeted cache-control fields this cache obeys, in order (RFC 9213 §2.2).
     pub targets: &'a [String],
+    /// The operator's key parts, as implicit Vary names (`cache.key_headers`, `_cookies`).
+    pub implicit_vary: &'a [String],
 }
 
 /// The directives that decide a response's caching here (RFC 9213 §2.2): the first targeted
@@ -258,7 +260,7 @@ pub fn storable<F: Field>(
     if has(resp, "set-cookie") && !withheld.contains(&"set-cookie") {
         return Err(NotStored::SetCookie);
     }
-    let vary = Vary::parse(values(resp, "vary"));
+    let vary = Vary::parse(values(resp, "vary")).with_implicit(ctx.implicit_vary);
     if matches!(vary, Vary::Star | Vary::Unusable) {
         return Err(NotStored::VaryStar);
     }
@@ -572,6 +574,7 @@ mod tests {
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
             targets: &[],
+            implicit_vary: &[],
         }
     }
 

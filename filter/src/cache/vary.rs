@@ -18,7 +18,33 @@ pub enum Vary {
     Unusable,
 }
 
+/// Prefix of the implicit Vary names that select a variant by one cookie's value
+/// (`cookie:lang`); not a token, so no response `Vary` can name it.
+pub const COOKIE_PREFIX: &str = "cookie:";
+
 impl Vary {
+    /// Adds the operator's key parts (`cache.key_headers`, `cache.key_cookies`) as implicit
+    /// names: the response varies on them whatever its own `Vary` says. Too many names
+    /// together make it unusable, as for a long `Vary`.
+    pub fn with_implicit(self, implicit: &[String]) -> Vary {
+        if implicit.is_empty() {
+            return self;
+        }
+        let mut names = match self {
+            Vary::None => Vec::new(),
+            Vary::Names(n) => n,
+            other => return other,
+        };
+        names.extend(implicit.iter().cloned());
+        names.sort();
+        names.dedup();
+        if names.len() > MAX_VARY_NAMES {
+            Vary::Unusable
+        } else {
+            Vary::Names(names)
+        }
+    }
+
     /// Parses every `Vary` field line.
     pub fn parse<L: AsRef<[u8]>>(lines: impl IntoIterator<Item = L>) -> Vary {
         let mut names: Vec<String> = Vec::new();
@@ -43,6 +69,24 @@ impl Vary {
             _ => Vary::Names(names),
         }
     }
+}
+
+/// The values a Vary name selects in a request: the header's lines, or for an implicit
+/// `cookie:<name>` the values of that cookie (RFC 6265 §4.2.1 `name=value` pairs).
+pub fn request_values<'a, F: crate::field::Field>(req: &'a [F], name: &str) -> Vec<&'a [u8]> {
+    let Some(cookie) = name.strip_prefix(COOKIE_PREFIX) else {
+        return crate::field::values(req, name);
+    };
+    crate::field::values(req, "cookie")
+        .into_iter()
+        .flat_map(|line| line.split(|&b| b == b';'))
+        .filter_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            let (n, v) = pair.split_at(eq);
+            (n == cookie.as_bytes()).then(|| v.get(1..).unwrap_or_default())
+        })
+        .collect()
 }
 
 /// The secondary key: the normalised values of the `names` in the request, in order.
@@ -162,6 +206,43 @@ mod tests {
         let real = secondary_key(&two, |n| vec![if n == "a" { &b"x"[..] } else { &b"y"[..] }]);
         assert_ne!(forged, real);
         assert_eq!(key(b" \xe9 "), "accept-language:%E9\n");
+    }
+
+    #[test]
+    fn implicit_names_join_the_responses_own() {
+        let implicit = vec!["cookie:lang".to_string(), "x-device".to_string()];
+        assert_eq!(
+            Vary::None.with_implicit(&implicit),
+            Vary::Names(implicit.clone())
+        );
+        assert_eq!(
+            Vary::parse(["Accept, X-Device"]).with_implicit(&implicit),
+            Vary::Names(vec![
+                "accept".into(),
+                "cookie:lang".into(),
+                "x-device".into()
+            ])
+        );
+        assert_eq!(Vary::Star.with_implicit(&implicit), Vary::Star);
+        let many: Vec<String> = (0..MAX_VARY_NAMES).map(|i| format!("h{i}")).collect();
+        assert_eq!(
+            Vary::None.with_implicit(&many),
+            Vary::Names({
+                let mut m = many.clone();
+                m.sort();
+                m
+            })
+        );
+        assert_eq!(Vary::parse(["a"]).with_implicit(&many), Vary::Unusable);
+    }
+
+    #[test]
+    fn cookie_values_select_variants() {
+        let req = [("cookie", "theme=dark; lang=fr"), ("cookie", "lang=de")];
+        assert_eq!(request_values(&req, "cookie:lang"), vec![&b"fr"[..], b"de"]);
+        assert!(request_values(&req, "cookie:missing").is_empty());
+        assert!(request_values(&[("cookie", "language=fr; xlang=1")], "cookie:lang").is_empty());
+        assert_eq!(request_values(&[("x", "1")], "x"), vec![&b"1"[..]]);
     }
 
     #[test]

@@ -632,6 +632,7 @@ impl Http {
             heuristic_fraction: c.heuristic_fraction,
             heuristic_max_secs: c.heuristic_max_secs,
             targets: &c.targeted_cache_control,
+            implicit_vary: &c.implicit_vary,
         }
     }
 

@@ -240,6 +240,7 @@ impl Root {
             heuristic_fraction: c.heuristic_fraction,
             heuristic_max_secs: c.heuristic_max_secs,
             targets: &c.targeted_cache_control,
+            implicit_vary: &c.implicit_vary,
         };
         let stored = if status == 304 {
             let Found::Response(hit) = lookup::lookup(&mut state.store, &job.key, &job.request)
