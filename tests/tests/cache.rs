@@ -129,7 +129,10 @@ fn authorization_needs_an_explicit_shared_cache_permission() {
 #[test]
 fn stale_entry_is_forwarded_and_replaced() {
     let up = Upstream::origin(|req| match req.path.as_str() {
-        "/short" => Reply::text("short-lived").header("Cache-Control", "max-age=1"),
+        // Two seconds, not one: the immediate re-requests below must be fresh even when a
+        // second boundary falls between store and hit (ages are whole seconds, so at most
+        // one), and the sleep makes it stale whatever the phase.
+        "/short" => Reply::text("short-lived").header("Cache-Control", "max-age=2"),
         _ => Reply::new(404),
     });
     let envoy = Envoy::start(up.port(), "{}");
@@ -137,7 +140,7 @@ fn stale_entry_is_forwarded_and_replaced() {
     hit_ttl(&envoy.get("/short"));
     assert_eq!(up.count("/short"), 1);
 
-    thread::sleep(Duration::from_millis(2200));
+    thread::sleep(Duration::from_millis(3200));
     let stale = envoy.get("/short");
     assert_eq!(stale.text(), "short-lived");
     let cs = CacheStatus::of(&stale);
