@@ -199,9 +199,12 @@ proptest! {
     #[test]
     fn store_survives_a_corrupt_index(garbage in prop::collection::vec(any::<u8>(), 0..4096)) {
         let mem = MemoryShared::default();
-        (&mem).set("f/idx", &garbage, 0).unwrap();
+        // A corrupt shard index and ledger before init, and a corrupt shard index after it.
+        (&mem).set("f/a", &garbage, 0).unwrap();
+        (&mem).set("f/h/0", &garbage, 0).unwrap();
         let mut s = Store::new(&mem, "f", Limits { max_entries: 8, max_total_bytes: 1 << 16, max_entry_bytes: 1 << 12, max_variants: 4, policy: Policy::S3Fifo });
         let _ = s.init();
+        (&mem).set("f/h/0", &garbage, 0).unwrap();
         let _ = s.get(1, "k");
         let v = entry::encode_response(0, "k", "", &ResponseMeta::default(), &[], b"x");
         let item = Insert { hash: 1, primary: 1, kind: Kind::Response, value: v };

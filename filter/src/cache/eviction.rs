@@ -1,7 +1,8 @@
 //! The store's index and its eviction policies.
 //!
-//! The index lives in one shared-data value: per slot a 32-byte record, two intrusive queues
-//! threaded through the records, and a ring of "ghost" key hashes. Two policies run on it:
+//! One index describes one shard of the store (`store.rs`) and lives in one shared-data
+//! value: per slot a 32-byte record, two intrusive queues threaded through the records, and a
+//! ring of "ghost" key hashes. Two policies run on it:
 //!
 //! - [`Policy::Lru`]: one queue; an access moves the entry to the head; the tail goes.
 //! - [`Policy::S3Fifo`] (Yang et al., SOSP '23): new entries enter a small FIFO queue (10 %
@@ -106,7 +107,9 @@ const FREE: Record = Record {
     freq: 0,
 };
 
-const MAGIC: &[u8; 4] = b"EFi2";
+/// `EFi2` was the single index of layout `ef1`; `EFi3` is one shard's index (layout `ef2`).
+/// The header is unchanged, but a value of the other version is refused, never misread.
+const MAGIC: &[u8; 4] = b"EFi3";
 const HEADER_BYTES: usize = 40;
 /// Bytes per slot in the index: the record.
 pub const RECORD_BYTES: usize = 32;
@@ -476,6 +479,24 @@ impl Index {
             found.push((hash, slot as u32));
         }
         Some((found, usage))
+    }
+
+    /// The slot and generation of the occupied record for `hash`, read straight from the
+    /// encoded bytes without copying or checking the queues: a lookup's whole cost.
+    pub fn find_encoded(b: &[u8], hash: u64) -> Option<(u32, u32)> {
+        let slots = Self::check_size(b)?;
+        let records = b.get(HEADER_BYTES..HEADER_BYTES + slots * RECORD_BYTES)?;
+        let want = hash.to_le_bytes();
+        records
+            .chunks_exact(RECORD_BYTES)
+            .enumerate()
+            .find(|(_, r)| {
+                r.get(0..8) == Some(&want[..]) && r.get(28).is_some_and(|&k| (1..=3).contains(&k))
+            })
+            .and_then(|(slot, r)| {
+                let g = r.get(16..20)?;
+                Some((slot as u32, u32::from_le_bytes([g[0], g[1], g[2], g[3]])))
+            })
     }
 
     fn check_size(b: &[u8]) -> Option<usize> {
