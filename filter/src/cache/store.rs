@@ -108,8 +108,10 @@ const MAX_CAS_ATTEMPTS: usize = 8;
 /// Fruitless visits (an empty shard, a lost race) an insert may make to other shards when its
 /// own cannot make room for its bytes.
 const MAX_DONORS: usize = 8;
-/// Buffered accesses before they are written without waiting for a tick.
-const MAX_PENDING_TOUCHES: usize = 1024;
+/// Buffered accesses; more are dropped until a tick or an insert writes them.
+const MAX_PENDING_TOUCHES: usize = 4096;
+/// Copies of one access kept: S3-FIFO's counter stops at 3.
+const MAX_FREQ_TOUCHES: usize = 3;
 /// Slots this worker remembers for direct hits; the map is cleared when it fills.
 const MAX_HINTS: usize = 1 << 16;
 
@@ -277,8 +279,10 @@ pub struct Store<S: SharedData> {
     hints: HashMap<u64, (u32, u32, u32)>,
     usage: Usage,
     ledger_cas: Option<u32>,
-    /// Buffered accesses: (shard, slot, generation).
-    touches: Vec<(u32, u32, u32)>,
+    /// Buffered accesses by shard: (slot, generation), each at most [`MAX_FREQ_TOUCHES`]
+    /// times; `pending` counts them all.
+    touches: HashMap<u32, Vec<(u32, u32)>>,
+    pending: usize,
     /// Ledger changes not yet written (a release that lost its CAS races).
     owed: (i64, i64),
     /// Where the next search for a donor shard starts (unset: `NO_SHARD`).
@@ -299,7 +303,8 @@ impl<S: SharedData> Store<S> {
             hints: HashMap::new(),
             usage: Usage::default(),
             ledger_cas: None,
-            touches: Vec::new(),
+            touches: HashMap::new(),
+            pending: 0,
             owed: (0, 0),
             donor_hand: NO_SHARD,
             heavy: [NO_SHARD; HEAVY],
@@ -386,6 +391,7 @@ impl<S: SharedData> Store<S> {
                 Ok(()) => {
                     self.hints.clear();
                     self.touches.clear();
+                    self.pending = 0;
                     self.owed = (0, 0);
                     return self.refresh().map(|_| ());
                 }
@@ -484,50 +490,50 @@ impl<S: SharedData> Store<S> {
     }
 
     fn touch(&mut self, shard: u32, slot: u32, generation: u32) {
-        self.touches.push((shard, slot, generation));
-        if self.touches.len() >= MAX_PENDING_TOUCHES {
-            self.flush_touches();
+        // The hit path never writes shared data: when the buffer is full, the access is
+        // dropped (it only informs eviction) until the next tick or insert drains it.
+        if self.pending >= MAX_PENDING_TOUCHES {
+            return;
+        }
+        let list = self.touches.entry(shard).or_default();
+        if list.iter().filter(|t| **t == (slot, generation)).count() < MAX_FREQ_TOUCHES {
+            list.push((slot, generation));
+            self.pending += 1;
         }
     }
 
     fn apply_touches(&self, shard: u32, index: &mut Index) {
-        for &(_, slot, generation) in self.touches.iter().filter(|t| t.0 == shard) {
+        for &(slot, generation) in self.touches.get(&shard).into_iter().flatten() {
             index.touch(slot, generation, self.limits.policy);
         }
     }
 
-    /// Writes buffered accesses into their shards' indexes (on a tick, or when the buffer
-    /// fills), one CAS per shard touched. Those that lose a race are kept for the next try.
+    /// Forgets the accesses of `shard` once its index holds them.
+    fn drop_touches(&mut self, shard: u32) {
+        if let Some(list) = self.touches.remove(&shard) {
+            self.pending -= list.len();
+        }
+    }
+
+    /// Writes buffered accesses into their shards' indexes (on a tick), one CAS per shard
+    /// touched. Those that lose a race are kept for the next try.
     pub fn flush_touches(&mut self) {
-        if self.touches.is_empty() {
-            return;
-        }
-        let mut shards: Vec<u32> = self.touches.iter().map(|t| t.0).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        let mut done: Vec<u32> = Vec::with_capacity(shards.len());
+        let shards: Vec<u32> = self.touches.keys().copied().collect();
         for shard in shards {
-            let Some((bytes, cas)) = self.shared.get(&self.index_key(shard)) else {
-                done.push(shard);
-                continue;
+            let key = self.index_key(shard);
+            let lost = match self.shared.get(&key) {
+                Some((bytes, cas)) => match Index::decode(&bytes) {
+                    Some(mut index) => {
+                        self.apply_touches(shard, &mut index);
+                        self.shared.set(&key, &index.encode(), cas) == Err(SetError::CasMismatch)
+                    }
+                    None => false,
+                },
+                None => false,
             };
-            let Some(mut index) = Index::decode(&bytes) else {
-                done.push(shard);
-                continue;
-            };
-            self.apply_touches(shard, &mut index);
-            if !matches!(
-                self.shared
-                    .set(&self.index_key(shard), &index.encode(), cas),
-                Err(SetError::CasMismatch)
-            ) {
-                done.push(shard);
+            if !lost {
+                self.drop_touches(shard);
             }
-        }
-        self.touches.retain(|t| done.binary_search(&t.0).is_err());
-        if self.touches.len() >= MAX_PENDING_TOUCHES {
-            // Accesses are a hint; never let the buffer grow without bound.
-            self.touches.clear();
         }
     }
 
@@ -752,7 +758,7 @@ impl<S: SharedData> Store<S> {
                     SetError::Host => return Err(StoreError::Host),
                 }
             }
-            self.touches.retain(|t| t.0 != shard);
+            self.drop_touches(shard);
             let entries = items.len() as i64 - plan.freed.len() as i64;
             // Values go in right after the commit, before any other host write, to keep the
             // window where another worker could reuse one of these slots as small as it is.
@@ -846,7 +852,7 @@ impl<S: SharedData> Store<S> {
         {
             return 0;
         }
-        self.touches.retain(|t| t.0 != donor);
+        self.drop_touches(donor);
         for &slot in &plan.freed {
             self.clear_slot(donor, slot);
         }
