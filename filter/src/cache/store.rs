@@ -682,7 +682,9 @@ impl<S: SharedData> Store<S> {
                         .occupied()
                         .filter(|(_, r)| r.kind == Kind::Variant && r.primary == primary as u32)
                         .count();
-                    if count + incoming <= self.limits.max_variants.max(1) as usize {
+                    // A URL's marker and variants share one shard: leave it room for others.
+                    let most = self.limits.max_variants.min(slots.saturating_sub(1)).max(1);
+                    if count + incoming <= most as usize {
                         break;
                     }
                     let Some(slot) = index.oldest_variant(primary as u32) else {
@@ -1289,6 +1291,29 @@ mod tests {
             ..variant(200)
         };
         assert_eq!(s.insert(vec![other], false).unwrap().evicted, 0);
+    }
+
+    #[test]
+    fn one_urls_variants_cannot_fill_its_shard() {
+        let mem = MemoryShared::default();
+        let mut l = limits(8, 1 << 20);
+        l.max_variants = 16;
+        let mut s = Store::new(&mem, "t", l);
+        s.init().unwrap();
+        put(&mut s, "other", 1);
+        let p = crate::cache::key::hash64(b"u");
+        for h in 100..120u64 {
+            let v = Insert {
+                hash: h,
+                primary: p,
+                kind: Kind::Variant,
+                value: value("u", 1),
+            };
+            s.insert(vec![v], false).unwrap();
+        }
+        // 8 slots: at most 7 variants, so the URL never holds the whole shard.
+        assert_eq!(s.usage().entries, 8);
+        assert!(get(&mut s, "other"));
     }
 
     #[test]
