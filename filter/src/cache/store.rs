@@ -121,6 +121,8 @@ const LEDGER_BYTES: usize = 64;
 /// for its bytes looks first, when most shards are empty.
 const HEAVY: usize = 8;
 const NO_SHARD: u32 = u32::MAX;
+/// Most entries a ledger may describe (above the configuration's limit, far below overflow).
+const MAX_LEDGER_ENTRIES: u32 = 1 << 24;
 
 /// The ledger's contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,13 +178,19 @@ impl Ledger {
         }
         let w = |at: usize| Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?));
         let d = |at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
+        let (shards, max_entries) = (w(4)?, w(8)?);
+        // Only a layout this code could have written: that also bounds how many shards a
+        // reset walks.
+        if max_entries > MAX_LEDGER_ENTRIES || shards != max_entries.max(1).div_ceil(SHARD_SLOTS) {
+            return None;
+        }
         let mut heavy = [NO_SHARD; HEAVY];
         for (i, h) in heavy.iter_mut().enumerate() {
             *h = w(32 + i * 4)?;
         }
         Some(Ledger {
-            shards: w(4)?,
-            max_entries: w(8)?,
+            shards,
+            max_entries,
             bytes: d(16)?,
             entries: d(24)?,
             heavy,
@@ -293,7 +301,8 @@ pub struct Store<S: SharedData> {
 
 impl<S: SharedData> Store<S> {
     /// A store under the key namespace `ns`. Call [`Store::init`] once per VM.
-    pub fn new(shared: S, ns: &str, limits: Limits) -> Store<S> {
+    pub fn new(shared: S, ns: &str, mut limits: Limits) -> Store<S> {
+        limits.max_entries = limits.max_entries.min(MAX_LEDGER_ENTRIES);
         let shards = limits.max_entries.max(1).div_ceil(SHARD_SLOTS);
         Store {
             shared,
@@ -594,7 +603,7 @@ impl<S: SharedData> Store<S> {
         heavy: Option<u32>,
     ) -> Result<bool, StoreError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let Some((l, cas)) = self.ledger() else {
+            let Some((l, cas)) = self.ledger().filter(|(l, _)| self.ledger_matches(l)) else {
                 return Err(StoreError::Host);
             };
             self.heavy = l.heavy;
@@ -647,8 +656,12 @@ impl<S: SharedData> Store<S> {
         {
             return Err(StoreError::TooLarge);
         }
-        if self.ledger().is_none() {
-            self.init()?;
+        match self.ledger() {
+            Some((l, _)) if self.ledger_matches(&l) => {}
+            // Workers with another `max_entries` took over (a configuration change): never
+            // write shards laid out for another slot count.
+            Some(_) => return Err(StoreError::Host),
+            None => self.init()?,
         }
         let policy = self.limits.policy;
         let share = self.shard_share();
@@ -1518,6 +1531,17 @@ mod tests {
         s2.init().unwrap();
         assert_eq!(s2.usage().entries, 0);
         assert_eq!(mem.slot_bytes("t"), 0);
+        // A worker still on the old configuration may not write the new layout's shards.
+        let h = crate::cache::key::hash64(b"b");
+        let item = Insert {
+            hash: h,
+            primary: h,
+            kind: Kind::Response,
+            value: value("b", 10),
+        };
+        assert_eq!(s.insert(vec![item], true), Err(StoreError::Host));
+        put(&mut s2, "c", 10);
+        assert!(get(&mut s2, "c"));
     }
 
     #[test]
