@@ -110,6 +110,8 @@ const MAX_CAS_ATTEMPTS: usize = 8;
 const MAX_DONORS: usize = 8;
 /// Buffered accesses; more are dropped until a tick or an insert writes them.
 const MAX_PENDING_TOUCHES: usize = 4096;
+/// Shards one flush writes (each a read and a write of one small index).
+const MAX_FLUSH_SHARDS: usize = 256;
 /// Copies of one access kept: S3-FIFO's counter stops at 3.
 const MAX_FREQ_TOUCHES: usize = 3;
 /// Slots this worker remembers for direct hits; the map is cleared when it fills.
@@ -524,11 +526,15 @@ impl<S: SharedData> Store<S> {
         }
     }
 
-    /// Writes buffered accesses into their shards' indexes (on a tick), one CAS per shard
-    /// touched. Those that lose a race are kept for the next try.
+    /// Writes buffered accesses into their shards' indexes (on a tick), one CAS per shard,
+    /// at most [`MAX_FLUSH_SHARDS`] shards per call, those with the most accesses first, so a
+    /// tick never holds the worker for long. Those that lose a race are kept for the next try.
     pub fn flush_touches(&mut self) {
-        let shards: Vec<u32> = self.touches.keys().copied().collect();
-        for shard in shards {
+        let mut shards: Vec<(usize, u32)> =
+            self.touches.iter().map(|(s, l)| (l.len(), *s)).collect();
+        shards.sort_unstable_by(|a, b| b.cmp(a));
+        shards.truncate(MAX_FLUSH_SHARDS);
+        for (_, shard) in shards {
             let key = self.index_key(shard);
             let lost = match self.shared.get(&key) {
                 Some((bytes, cas)) => match Index::decode(&bytes) {
@@ -1304,6 +1310,27 @@ mod tests {
             ..variant(200)
         };
         assert_eq!(s.insert(vec![other], false).unwrap().evicted, 0);
+    }
+
+    #[test]
+    fn a_flush_writes_a_bounded_number_of_shards() {
+        let mem = MemoryShared::default();
+        let l = limits(64 * 300, 1 << 24);
+        let mut a = Store::new(&mem, "t", l);
+        a.init().unwrap();
+        for i in 0..3000 {
+            put(&mut a, &format!("k{i}"), 1);
+        }
+        let mut b = Store::new(&mem, "t", l);
+        for i in 0..3000 {
+            assert!(get(&mut b, &format!("k{i}")));
+        }
+        let touched = b.touches.len();
+        assert!(touched > MAX_FLUSH_SHARDS, "{touched} shards touched");
+        b.flush_touches();
+        assert_eq!(b.touches.len(), touched - MAX_FLUSH_SHARDS);
+        b.flush_touches();
+        assert_eq!((b.touches.len(), b.pending), (0, 0));
     }
 
     #[test]
