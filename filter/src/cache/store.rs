@@ -1334,6 +1334,28 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_slot_hint_never_serves_an_old_value() {
+        let mem = MemoryShared::default();
+        let l = limits(8, 10_000);
+        let mut a = Store::new(&mem, "t", l);
+        let mut b = Store::new(&mem, "t", l);
+        a.init().unwrap();
+        put(&mut a, "k", 10);
+        assert!(get(&mut a, "k"), "a now knows k's slot");
+        // b replaces k (its old slot is freed, then reused by another key).
+        put(&mut b, "k", 20);
+        put(&mut b, "other", 30);
+        let h = crate::cache::key::hash64(b"k");
+        let v = a.get(h, "k").unwrap();
+        let EntryView::Response(r) = decode(&v).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.body.len(), 20, "the new value, found through the index");
+        b.remove(h).unwrap();
+        assert!(!get(&mut a, "k"), "removed: the hint's slot is empty");
+    }
+
+    #[test]
     fn one_urls_variants_cannot_fill_its_shard() {
         let mem = MemoryShared::default();
         let mut l = limits(8, 1 << 20);
