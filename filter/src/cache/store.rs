@@ -4,8 +4,8 @@
 //! Shared data has no delete, no size bound, and Envoy never forgets a key, so the store
 //! writes a fixed set of keys, created by [`Store::init`]:
 //!
-//! - `<ns>/a`, the ledger (32 bytes): layout (shard count, `max_entries`), then bytes and
-//!   entries in use. It is the one value every insert that grows the store writes: bytes are
+//! - `<ns>/a`, the ledger (64 bytes): layout (shard count, `max_entries`), bytes and entries
+//!   in use, and the shards last given large entries. It is the one value every insert that grows the store writes: bytes are
 //!   *reserved* in it by compare-and-swap before a shard commits them, and released after a
 //!   shard has dropped them, so the ledger never counts less than what is stored and workers
 //!   cannot overrun `max_total_bytes`.
@@ -21,13 +21,14 @@
 //! variants share one. The entry limit is structural: the shards' slots add up to
 //! `max_entries`, and a full shard evicts within itself. The byte limit is global (the ledger):
 //! a shard first evicts its own entries by its policy; only when it holds too little to make
-//! room (a large entry in a shard of small ones) does it evict from other shards, a bounded
-//! number of them, each under its own CAS.
+//! room (a large entry in a shard of small ones) does it evict from other shards, those the
+//! ledger names as holding large entries first, each under its own CAS. Each fruitful visit
+//! evicts what earlier inserts paid for (amortised O(1)); fruitless ones are bounded.
 //!
 //! A lookup of an unknown key reads one shard index; a hit reads the value directly when this
 //! worker already knows its slot (a bounded local hint map), else the index and the value.
-//! Hits never write shared data: accesses are buffered per worker and folded into each
-//! shard's index on that shard's next insert or on a tick.
+//! Hits never write shared data: accesses are buffered per worker (bounded; dropped when
+//! full) and folded into each shard's index on this worker's next insert there or on a tick.
 //!
 //! The namespace names the layout version: `ef1` was a single index of every slot; a store
 //! under `ef2` never reads `ef1` keys, and [`retire_layout`] frees them once, so an nginx zone
