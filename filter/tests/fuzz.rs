@@ -212,4 +212,35 @@ proptest! {
         prop_assert!(inserted.is_ok());
         prop_assert!(s.get(1, "k").is_some());
     }
+
+    #[test]
+    fn two_workers_never_exceed_the_limits(
+        ops in prop::collection::vec((any::<bool>(), 0u8..6, 0u16..400, 1usize..3000), 1..300)
+    ) {
+        let mem = MemoryShared::default();
+        let l = Limits { max_entries: 200, max_total_bytes: 60_000, max_entry_bytes: 8_000, max_variants: 4, policy: Policy::S3Fifo };
+        let mut w = [Store::new(&mem, "f", l), Store::new(&mem, "f", l)];
+        w[0].init().unwrap();
+        let shards = u64::from(w[0].shards());
+        // Every index and the ledger at their fixed sizes: what the host holds beyond values.
+        let overhead = shards * (40 + 40 * 64) + 64;
+        for (which, op, k, len) in ops {
+            let s = &mut w[usize::from(which)];
+            let key = format!("http://h/{k}");
+            let h = edge_filter::cache::key::hash64(key.as_bytes());
+            match op {
+                0 => { let _ = s.remove(h); }
+                1 => { let _ = s.remove_where(|x| x.ends_with('7')); }
+                2 => { let _ = s.get(h, &key); s.flush_touches(); }
+                _ => {
+                    let v = entry::encode_response(0, &key, "", &ResponseMeta::default(), &[], &vec![b'x'; len]);
+                    let _ = s.insert(vec![Insert { hash: h, primary: h, kind: Kind::Response, value: v }], true);
+                }
+            }
+            prop_assert!(mem.key_count() as u64 <= 1 + shards + 200);
+            prop_assert!(mem.value_bytes() as u64 <= 60_000 + overhead);
+            s.refresh().unwrap();
+            prop_assert!(s.usage().entries <= 200 && s.usage().bytes <= 60_000);
+        }
+    }
 }
