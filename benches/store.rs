@@ -7,7 +7,7 @@
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use edge_filter::cache::entry::{self, ResponseMeta};
 use edge_filter::cache::key::hash64;
-use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Policy, Store};
+use edge_filter::cache::store::{Insert, Kind, Limits, MemoryShared, Policy, SharedData, Store};
 
 const SIZES: [(u32, &str); 3] = [(4096, "4K"), (65_536, "64K"), (1_000_000, "1M")];
 /// Body of every stored value: small, so a million fit in memory; the value's copy out of
@@ -70,6 +70,16 @@ fn store_ops(c: &mut Criterion) {
             .map(|k| (hash64(k.as_bytes()), k))
             .collect();
         let mut n = 0usize;
+        // The host side alone: one read of a shard index from the in-memory shared data. Its
+        // map grows with the entries (cache misses), which is most of what grows below.
+        let shards = store.shards();
+        let host = &mem;
+        group.bench_function(BenchmarkId::new("host_get_index", name), |b| {
+            b.iter(|| {
+                n = (n + 7919) % shards as usize;
+                black_box(SharedData::get(&host, &format!("b/h/{n}")))
+            })
+        });
         group.bench_function(BenchmarkId::new("lookup_miss", name), |b| {
             b.iter(|| {
                 n = (n + 1) % absent.len();
