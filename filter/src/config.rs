@@ -113,8 +113,9 @@ pub struct BypassConfig {
 
 /// Limits that keep the shared index and the per-request work bounded.
 pub mod limits {
-    /// Most slots (entries) the index may have; the index costs 32 bytes per slot.
-    pub const MAX_ENTRIES: u32 = 1 << 16;
+    /// Most slots (entries) the store may have. Each costs 40 bytes of its shard's index
+    /// (`cache/store.rs`), and every operation's cost is independent of the number.
+    pub const MAX_ENTRIES: u32 = 1 << 20;
     /// Largest single entry: Proxy-Wasm buffers and shared-data values are u32-sized.
     pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
     /// Most values in a normalisation list (each subset of codings can be a variant).
@@ -764,9 +765,16 @@ mod tests {
     }
 
     #[test]
+    fn a_million_entries_are_accepted() {
+        let c = Config::parse(br#"{"cache":{"max_entries":1000000}}"#).unwrap();
+        assert_eq!(c.cache.max_entries, 1_000_000);
+    }
+
+    #[test]
     fn semantic_checks_name_the_field() {
         let cases: &[(&[u8], &str)] = &[
             (br#"{"cache":{"max_entries":0}}"#, "cache.max_entries"),
+            (br#"{"cache":{"max_entries":1048577}}"#, "cache.max_entries"),
             (
                 br#"{"cache":{"max_total_bytes":10,"max_entry_bytes":20}}"#,
                 "cache.max_total_bytes",

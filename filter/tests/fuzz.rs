@@ -209,14 +209,48 @@ proptest! {
     #[test]
     fn store_survives_a_corrupt_index(garbage in prop::collection::vec(any::<u8>(), 0..4096)) {
         let mem = MemoryShared::default();
-        (&mem).set("f/idx", &garbage, 0).unwrap();
+        // A corrupt shard index and ledger before init, and a corrupt shard index after it.
+        (&mem).set("f/a", &garbage, 0).unwrap();
+        (&mem).set("f/h/0", &garbage, 0).unwrap();
         let mut s = Store::new(&mem, "f", Limits { max_entries: 8, max_total_bytes: 1 << 16, max_entry_bytes: 1 << 12, max_variants: 4, policy: Policy::S3Fifo });
         let _ = s.init();
+        (&mem).set("f/h/0", &garbage, 0).unwrap();
         let _ = s.get(1, "k");
         let v = entry::encode_response(0, "k", "", &ResponseMeta::default(), &[], b"x");
         let item = Insert { hash: 1, primary: 1, kind: Kind::Response, value: v };
         let inserted = s.insert(vec![item], true);
         prop_assert!(inserted.is_ok());
         prop_assert!(s.get(1, "k").is_some());
+    }
+
+    #[test]
+    fn two_workers_never_exceed_the_limits(
+        ops in prop::collection::vec((any::<bool>(), 0u8..6, 0u16..400, 1usize..3000), 1..300)
+    ) {
+        let mem = MemoryShared::default();
+        let l = Limits { max_entries: 200, max_total_bytes: 60_000, max_entry_bytes: 8_000, max_variants: 4, policy: Policy::S3Fifo };
+        let mut w = [Store::new(&mem, "f", l), Store::new(&mem, "f", l)];
+        w[0].init().unwrap();
+        let shards = u64::from(w[0].shards());
+        // Every index and the ledger at their fixed sizes: what the host holds beyond values.
+        let overhead = shards * (40 + 40 * 64) + 64;
+        for (which, op, k, len) in ops {
+            let s = &mut w[usize::from(which)];
+            let key = format!("http://h/{k}");
+            let h = edge_filter::cache::key::hash64(key.as_bytes());
+            match op {
+                0 => { let _ = s.remove(h); }
+                1 => { let _ = s.remove_where(|x| x.ends_with('7')); }
+                2 => { let _ = s.get(h, &key); s.flush_touches(); }
+                _ => {
+                    let v = entry::encode_response(0, &key, "", &ResponseMeta::default(), &[], &vec![b'x'; len]);
+                    let _ = s.insert(vec![Insert { hash: h, primary: h, kind: Kind::Response, value: v }], true);
+                }
+            }
+            prop_assert!(mem.key_count() as u64 <= 1 + shards + 200);
+            prop_assert!(mem.value_bytes() as u64 <= 60_000 + overhead);
+            s.refresh().unwrap();
+            prop_assert!(s.usage().entries <= 200 && s.usage().bytes <= 60_000);
+        }
     }
 }

@@ -260,3 +260,55 @@ fn streaming_body_is_not_delayed() {
         .unwrap();
     assert_eq!(hit.client.body.len(), 4000);
 }
+
+/// Guest work (fuel, about one unit per Wasm instruction) of a stored miss and of a hit:
+/// the store is sharded, so neither may grow with `max_entries`.
+#[test]
+fn guest_work_does_not_grow_with_max_entries() {
+    let body = "x".repeat(1024);
+    let mut figures = Vec::new();
+    for entries in [4096u32, 1_000_000] {
+        let config = format!(
+            r#"{{"cache": {{"max_entries": {entries}, "max_total_bytes": {}}}}}"#,
+            u64::from(entries) * 2048
+        );
+        let h = Harness::from_file(wasm())
+            .vm_id("edge-filter")
+            .plugin_config(config.as_str())
+            .fuel(u64::MAX / 2)
+            .build()
+            .unwrap();
+        let mut vm = h.new_vm().unwrap();
+        let mut origin = origin(&body);
+        // Warm up: the first requests pay for one-time work.
+        for i in 0..20 {
+            let r = Request::get(&format!("/warm/{i}"));
+            vm.exchange(&r, &mut origin, false).unwrap();
+            vm.forget_finished();
+        }
+        let before = vm.fuel_consumed();
+        for i in 0..200 {
+            let r = Request::get(&format!("/miss/{i}"));
+            let ex = vm.exchange(&r, &mut origin, false).unwrap();
+            assert!(ex.client.header("cache-status").unwrap().contains("stored"));
+            vm.forget_finished();
+        }
+        let miss = (vm.fuel_consumed() - before) / 200;
+        let before = vm.fuel_consumed();
+        for i in 0..200 {
+            let r = Request::get(&format!("/miss/{i}"));
+            let ex = vm.exchange(&r, &mut |_| None, false).unwrap();
+            assert_eq!(ex.client.body.len(), 1024);
+            vm.forget_finished();
+        }
+        let hit = (vm.fuel_consumed() - before) / 200;
+        eprintln!("max_entries {entries}: stored miss {miss} fuel, hit {hit} fuel");
+        figures.push((miss, hit));
+    }
+    let ((m1, h1), (m2, h2)) = (figures[0], figures[1]);
+    assert!(
+        m2 < m1 + m1 / 4,
+        "stored miss: {m1} at 4096, {m2} at 1,000,000"
+    );
+    assert!(h2 < h1 + h1 / 4, "hit: {h1} at 4096, {h2} at 1,000,000");
+}

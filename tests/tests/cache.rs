@@ -152,3 +152,26 @@ fn stale_entry_is_forwarded_and_replaced() {
     hit_ttl(&envoy.get("/short"));
     assert_eq!(up.count("/short"), 2);
 }
+
+/// The sharded store at the largest `max_entries`, in a real Envoy with 2 workers: it starts
+/// (creating every shard index), stores, and serves hits stored by either worker.
+#[test]
+fn a_million_entries_start_store_and_hit() {
+    let up = Upstream::origin(|_| Reply::text("body").header("Cache-Control", "max-age=60"));
+    let envoy = Envoy::start(
+        up.port(),
+        r#"{"cache": {"max_entries": 1000000, "max_total_bytes": 1073741824}}"#,
+    );
+    for i in 0..100 {
+        let r = envoy.get(&format!("/m/{i}"));
+        assert!(CacheStatus::of(&r).has("stored"), "{i}");
+    }
+    for i in 0..100 {
+        let r = envoy.get(&format!("/m/{i}"));
+        assert!(CacheStatus::of(&r).has("hit"), "{i}");
+        assert_eq!(r.text(), "body");
+    }
+    for i in 0..100 {
+        assert_eq!(up.count(&format!("/m/{i}")), 1);
+    }
+}

@@ -22,20 +22,24 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Shared-data namespace; the `1` is the layout version of the index and entries.
-pub const NAMESPACE: &str = "ef1";
+/// Shared-data namespace; the `2` is the layout version of the store (sharded indexes and a
+/// ledger, `cache/store.rs`). A new layout takes a new namespace: a host's shared data can
+/// outlive the `.wasm` that wrote it (an nginx zone across a reload, an Envoy process).
+pub const NAMESPACE: &str = "ef2";
+/// The namespace of the previous layout (one index of every slot), retired at start.
+pub const RETIRED_NAMESPACE: &str = "ef1";
 /// Shared-data key of the latest readiness check, so every worker answers the same.
-pub const READY_KEY: &str = "ef1/ready";
+pub const READY_KEY: &str = "ef2/ready";
 /// Prefix of the in-flight markers that let workers coalesce with each other: a miss whose
 /// URL another worker is already fetching waits for that worker's response. Bounded like
 /// the refresh locks.
-pub const FLIGHT_PREFIX: &str = "ef1/fl/";
+pub const FLIGHT_PREFIX: &str = "ef2/fl/";
 /// How often the root context polls for remote leaders' responses.
 pub const REMOTE_POLL_MS: u64 = 20;
 
 /// Prefix of the refresh locks: one background refresh per key across workers. The lock is
 /// chosen by key hash among 1024, so the set of keys stays bounded.
-pub const REFRESH_LOCK_PREFIX: &str = "ef1/lk/";
+pub const REFRESH_LOCK_PREFIX: &str = "ef2/lk/";
 
 /// A background refresh of a stale entry (RFC 5861 §3), queued by an HTTP context and sent
 /// by the root context, whose HTTP calls outlive the request that asked for them.
@@ -389,6 +393,8 @@ impl RootContext for Root {
         if let Err(e) = store.init() {
             warn!("edge-filter: cache index not initialised ({e}); will retry on first store");
         }
+        // Values of the old layout are never read; free their memory once.
+        crate::cache::store::retire_layout(&HostShared, RETIRED_NAMESPACE);
         metrics.record(metrics.capacity_bytes, limits.max_total_bytes);
         metrics.record(metrics.capacity_entries, u64::from(limits.max_entries));
         let tick = config.health.check_period_ms.min(1000);
