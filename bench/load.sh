@@ -36,7 +36,7 @@
 # (with edge-filter's entries at the end, its evictions per request, the RSS).
 #
 # Settings (environment): PAIRS=3 DURATION=10 (s) WARM=2 (s) CONNS=32 FILL_MAX=60 (s)
-#   MAX_ENTRIES=4096 MAX_ENTRIES_LARGE=65536 LARGE_TOTAL_BYTES (default 3 KiB per entry,
+#   MAX_ENTRIES=4096 MAX_ENTRIES_LARGE=1048576 (the most cache.max_entries allows) LARGE_TOTAL_BYTES (default 3 KiB per entry,
 #   at least 64 MiB) PROXIES="envoy nginx" CASES="<all>" SERVER_CPU=0 CLIENT_CPU=1
 #   ORIGIN_CPU=0 SETUP=1 (0 skips the setup step: no apt, no builds) KEEP_TMP=0.
 #
@@ -53,7 +53,7 @@ WARM="${WARM:-2}"
 CONNS="${CONNS:-32}"
 FILL_MAX="${FILL_MAX:-60}"
 MAX_ENTRIES="${MAX_ENTRIES:-4096}"
-MAX_ENTRIES_LARGE="${MAX_ENTRIES_LARGE:-65536}"
+MAX_ENTRIES_LARGE="${MAX_ENTRIES_LARGE:-1048576}"
 LARGE_TOTAL_BYTES="${LARGE_TOTAL_BYTES:-$((MAX_ENTRIES_LARGE * 3072 > 67108864 ? MAX_ENTRIES_LARGE * 3072 : 67108864))}"
 PROXIES="${PROXIES:-envoy nginx}"
 ALL_CASES="plain noop native_miss ef_miss ef_miss_large local_reply native_hit ef_hit"
@@ -496,7 +496,7 @@ measure() { # proxy case round
 }
 
 # --- the run -------------------------------------------------------------------------
-command_line="PAIRS=$PAIRS DURATION=$DURATION WARM=$WARM CONNS=$CONNS MAX_ENTRIES=$MAX_ENTRIES MAX_ENTRIES_LARGE=$MAX_ENTRIES_LARGE bench/load.sh"
+command_line="PAIRS=$PAIRS DURATION=$DURATION WARM=$WARM FILL_MAX=$FILL_MAX CONNS=$CONNS MAX_ENTRIES=$MAX_ENTRIES MAX_ENTRIES_LARGE=$MAX_ENTRIES_LARGE bench/load.sh"
 started="$(date -u '+%Y-%m-%d %H:%M UTC')"
 # Fail now, not rounds later, if a proxy or the filter refuses the large store.
 if [[ " $CASES " == *" ef_miss_large "* ]]; then
