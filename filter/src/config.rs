@@ -226,6 +226,12 @@ pub struct PurgeConfig {
     /// Environment variable of the Wasm VM (Envoy `vm_config.environment_variables`) that
     /// holds the token, so that it can come from a Kubernetes Secret instead of the config.
     pub token_env: Option<String>,
+    /// Response header listing an entry's tags, and the purge request header naming the
+    /// tags to purge (space-separated, as `Surrogate-Key`).
+    pub tag_header: String,
+    /// Purge request header that, set to `1` or `true`, makes the purge soft: entries are
+    /// marked stale instead of removed.
+    pub soft_header: String,
 }
 
 impl Default for PurgeConfig {
@@ -236,6 +242,8 @@ impl Default for PurgeConfig {
             token_header: "x-purge-token".into(),
             token: None,
             token_env: None,
+            tag_header: "surrogate-key".into(),
+            soft_header: "x-purge-soft".into(),
         }
     }
 }
@@ -589,6 +597,17 @@ impl Config {
         }
         if p.token_header.is_empty() {
             return Err(ConfigError::new("purge.token_header", "must not be empty"));
+        }
+        for (field, name) in [
+            ("purge.tag_header", &p.tag_header),
+            ("purge.soft_header", &p.soft_header),
+        ] {
+            if name.is_empty() || !name.bytes().all(crate::field::is_tchar) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{name:?} is not a header name"),
+                ));
+            }
         }
         if p.enabled && p.token.as_deref().unwrap_or("").is_empty() {
             return Err(ConfigError::new(

@@ -397,6 +397,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: key_headers_and_cookies,
     },
     Scenario {
+        name: "tag_and_soft_purge",
+        run: tag_and_soft_purge,
+    },
+    Scenario {
         name: "targeted_cache_control",
         run: targeted_cache_control,
     },
@@ -618,6 +622,19 @@ pub fn origin_reply(state: &OriginState, req: &crate::upstream::RecordedRequest)
             .header("Content-Type", "application/octet-stream")
             .header("ETag", "\"rg1\"")
             .body(patterned(1000)),
+        // Tagged responses for purge by tag; /tp/s numbers its fetches (soft purge).
+        "/tp/a" | "/tp/b" => Reply::text(format!("tagged {}", req.path))
+            .header("Cache-Control", "max-age=600")
+            .header("Surrogate-Key", "group-1 a-or-b"),
+        "/tp/c" => Reply::text("tagged /tp/c")
+            .header("Cache-Control", "max-age=600")
+            .header("Surrogate-Key", "group-2"),
+        "/tp/s" => {
+            let n = state.slow.fetch_add(1, Ordering::SeqCst);
+            Reply::text(format!("soft #{n}"))
+                .header("Cache-Control", "max-age=600, stale-while-revalidate=600")
+                .header("Surrogate-Key", "soft-group")
+        }
         p if p.starts_with("/kp/") => max_age(Reply::text(format!(
             "device={} cookie={}",
             req.headers.get("x-device").unwrap_or("-"),
@@ -1174,6 +1191,59 @@ pub fn key_headers_and_cookies(ctx: &mut Ctx<'_>) {
         !was_hit,
         "a purge of the URL removes every key part's entry"
     );
+}
+
+/// Purge by tag (`Surrogate-Key` on the PURGE removes every entry whose response listed
+/// one of the tags) and soft purge (`X-Purge-Soft: 1` marks entries stale instead: a
+/// `stale-while-revalidate` entry is still served while it refreshes in the background).
+pub fn tag_and_soft_purge(ctx: &mut Ctx<'_>) {
+    let proxy = ctx.proxy(&hostile::hostile_config());
+    let token = ("x-purge-token", hostile::PURGE_TOKEN);
+    let hit = |path: &str| CacheStatus::of(&proxy.get(path)).has("hit");
+    for path in ["/tp/a", "/tp/b", "/tp/c"] {
+        proxy.get(path);
+        assert!(hit(path), "{path}");
+    }
+    let r = proxy.request(
+        "PURGE",
+        "/",
+        &[token, ("Surrogate-Key", "nothing group-1")],
+        b"",
+    );
+    assert_eq!((r.status, r.text().trim()), (200, r#"{"purged":2}"#));
+    assert!(!hit("/tp/a") && !hit("/tp/b"), "tagged group-1: removed");
+    assert!(hit("/tp/c"), "group-2 stays");
+    let r = proxy.request("PURGE", "/", &[("Surrogate-Key", "group-2")], b"");
+    assert_eq!(r.status, 403, "the token is required for tags too");
+
+    let before = ctx.origin.count("/tp/s");
+    let first = proxy.get("/tp/s").text();
+    assert!(hit("/tp/s"));
+    let soft = [
+        token,
+        ("Surrogate-Key", "soft-group"),
+        ("X-Purge-Soft", "1"),
+    ];
+    let r = proxy.request("PURGE", "/", &soft, b"");
+    assert_eq!((r.status, r.text().trim()), (200, r#"{"purged":1}"#));
+    // Stale now, but within stale-while-revalidate: served at once, refreshed behind.
+    let r = proxy.get("/tp/s");
+    assert_eq!(r.text(), first, "the stale entry is still served");
+    let cs = CacheStatus::of(&r);
+    assert_eq!(cs.param("detail"), Some("stale-while-revalidate"), "{cs:?}");
+    poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        let r = proxy.get("/tp/s");
+        (r.text() != first && CacheStatus::of(&r).has("hit")).then_some(())
+    })
+    .expect("the background refresh stored a new response");
+    assert_eq!(ctx.origin.count("/tp/s"), before + 2);
+
+    // A soft purge by URL: the next request revalidates instead of hitting.
+    let r = proxy.request("PURGE", "/tp/c", &[token, ("X-Purge-Soft", "true")], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = proxy.get("/tp/c");
+    assert_eq!(CacheStatus::of(&r).param("fwd"), Some("stale"));
+    assert_eq!(ctx.origin.count("/tp/c"), 2);
 }
 
 /// `t` as an RFC 850 date (`Sunday, 06-Nov-94 08:49:37 GMT`), from its IMF-fixdate.

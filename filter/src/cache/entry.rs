@@ -141,11 +141,7 @@ pub fn encode_response(
         16 + key.len() + 24 + 4 + secondary.len() + 4 + hdr_len + 4 + body.len(),
     );
     prefix(&mut out, KIND_RESPONSE, generation, key);
-    out.extend_from_slice(&meta.status.to_le_bytes());
-    out.extend_from_slice(&meta.flags.to_le_bytes());
-    out.extend_from_slice(&meta.response_time.to_le_bytes());
-    out.extend_from_slice(&meta.initial_age.to_le_bytes());
-    out.extend_from_slice(&meta.lifetime.to_le_bytes());
+    put_meta(&mut out, meta);
     put_bytes(&mut out, secondary.as_bytes());
     put_u32(&mut out, headers.len());
     for (n, v) in headers {
@@ -219,6 +215,30 @@ pub fn decode(buf: &[u8]) -> Result<EntryView<'_>, DecodeError> {
         }
         _ => Err(DecodeError::BadKind),
     }
+}
+
+/// A response value with its metadata replaced, same size and generation; `None` when
+/// `buf` is not a response.
+pub fn with_meta(buf: &[u8], meta: &ResponseMeta) -> Option<Vec<u8>> {
+    let (mut r, kind, _) = Reader::prefix(buf).ok()?;
+    if kind != KIND_RESPONSE {
+        return None;
+    }
+    r.bytes().ok()?;
+    let at = r.pos;
+    let mut out = buf.to_vec();
+    let mut m = Vec::with_capacity(META_BYTES);
+    put_meta(&mut m, meta);
+    out.get_mut(at..at + META_BYTES)?.copy_from_slice(&m);
+    Some(out)
+}
+
+fn put_meta(out: &mut Vec<u8>, meta: &ResponseMeta) {
+    out.extend_from_slice(&meta.status.to_le_bytes());
+    out.extend_from_slice(&meta.flags.to_le_bytes());
+    out.extend_from_slice(&meta.response_time.to_le_bytes());
+    out.extend_from_slice(&meta.initial_age.to_le_bytes());
+    out.extend_from_slice(&meta.lifetime.to_le_bytes());
 }
 
 /// Stamps the generation the store assigned into an encoded value (bytes 8..12).

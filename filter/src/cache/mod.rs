@@ -26,6 +26,7 @@ pub mod key;
 pub mod lookup;
 pub mod normalize;
 pub mod policy;
+pub mod purge;
 pub mod query;
 pub mod range;
 pub mod status;

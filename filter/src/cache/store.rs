@@ -944,6 +944,15 @@ impl<S: SharedData> Store<S> {
     /// shard at a time, each under its own CAS, so hits elsewhere never wait for it. Returns
     /// how many entries were removed.
     pub fn remove_where(&mut self, matches: impl Fn(&str) -> bool) -> Result<u32, StoreError> {
+        self.remove_where_value(|key, _| matches(key))
+    }
+
+    /// Like [`Store::remove_where`], deciding on the key and the whole stored value (a
+    /// purge by tag reads the entry's headers).
+    pub fn remove_where_value(
+        &mut self,
+        matches: impl Fn(&str, &[u8]) -> bool,
+    ) -> Result<u32, StoreError> {
         let mut removed = 0;
         let mut failed = None;
         for shard in 0..self.shards {
@@ -952,9 +961,9 @@ impl<S: SharedData> Store<S> {
                     .occupied()
                     .filter_map(|(slot, r)| {
                         let value = store.shared.get(&store.slot_key(shard, slot));
-                        match value.as_ref().map(|(v, _)| entry::peek_key(v)) {
-                            Some(Ok((g, k))) if g == r.generation => {
-                                matches(k).then_some((slot, true))
+                        match value.as_ref().map(|(v, _)| (entry::peek_key(v), v)) {
+                            Some((Ok((g, k)), v)) if g == r.generation => {
+                                matches(k, v).then_some((slot, true))
                             }
                             // A record without its value (emptied before a commit that lost
                             // its race, say) goes too, uncounted: it only held bytes.
@@ -972,6 +981,38 @@ impl<S: SharedData> Store<S> {
             Some(e) if removed == 0 => Err(e),
             _ => Ok(removed),
         }
+    }
+
+    /// Rewrites in place every stored value `edit` returns a same-sized replacement for (a
+    /// soft purge changes only the metadata). Each write is a CAS on the value, so a slot
+    /// another worker reused meanwhile is left alone; sizes do not change, so neither does
+    /// the accounting. O(entries), one value at a time: hits never wait. Returns how many
+    /// values were rewritten.
+    pub fn rewrite_where(&mut self, edit: impl Fn(&[u8]) -> Option<Vec<u8>>) -> u32 {
+        let mut rewritten = 0;
+        for shard in 0..self.shards {
+            let Some(index) = self
+                .shared
+                .get(&self.index_key(shard))
+                .and_then(|(b, _)| Index::decode(&b))
+            else {
+                continue;
+            };
+            for (slot, r) in index.occupied() {
+                let key = self.slot_key(shard, slot);
+                let Some((value, cas)) = self.shared.get(&key) else {
+                    continue;
+                };
+                let current = matches!(entry::peek_key(&value), Ok((g, _)) if g == r.generation);
+                let Some(new) = edit(&value).filter(|n| current && n.len() == value.len()) else {
+                    continue;
+                };
+                if cas != 0 && self.shared.set(&key, &new, cas).is_ok() {
+                    rewritten += 1;
+                }
+            }
+        }
+        rewritten
     }
 
     /// Removes the slots `select` picks from one shard, in one index update, and releases
@@ -1441,6 +1482,44 @@ mod tests {
         };
         assert_eq!(run(Policy::S3Fifo), 4, "S3-FIFO keeps the reused entries");
         assert_eq!(run(Policy::Lru), 0, "LRU lets the scan flush them");
+    }
+
+    #[test]
+    fn values_are_removed_or_rewritten_in_place_by_content() {
+        let mem = MemoryShared::default();
+        let mut a = Store::new(&mem, "t", limits(16, 100_000));
+        let mut b = Store::new(&mem, "t", limits(16, 100_000));
+        a.init().unwrap();
+        b.init().unwrap();
+        put(&mut a, "k-short", 10);
+        put(&mut a, "k-long", 20);
+        put(&mut a, "k-other", 30);
+        // In place, same size: the 20-byte body becomes ys; other sizes are refused.
+        let edit = |v: &[u8]| {
+            let mut n = v.to_vec();
+            let at = n.len() - 20;
+            (v.len() == value("k-long", 20).len()).then(|| {
+                n[at..].fill(b'y');
+                n
+            })
+        };
+        assert_eq!(b.rewrite_where(edit), 1);
+        assert_eq!(
+            b.rewrite_where(|v| Some(v[1..].to_vec())),
+            0,
+            "sizes never change"
+        );
+        let h = crate::cache::key::hash64(b"k-long");
+        assert!(a.get(h, "k-long").unwrap().ends_with(&[b'y'; 20]));
+        let bytes = a.usage().bytes;
+        assert_eq!(
+            a.remove_where_value(|_, v| v.len() > value("k", 25).len())
+                .unwrap(),
+            1
+        );
+        assert!(!get(&mut a, "k-other") && get(&mut a, "k-short"));
+        assert!(a.usage().bytes < bytes);
+        assert_eq!(mem.slot_bytes("t"), a.usage().bytes);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::cache::normalize;
 use crate::cache::policy::{
     self, Forward, NotStored, RequestPolicy, Reuse, StaleReason, Storable, StoreContext,
 };
+use crate::cache::purge;
 use crate::cache::query;
 use crate::cache::range;
 use crate::cache::status::{self, CacheStatus};
@@ -529,20 +530,53 @@ impl Http {
             state.metrics.purge("denied");
             return self.reply(403, &json, b"{\"purged\":0,\"error\":\"forbidden\"}\n");
         }
-        let (target, prefix) = match path.strip_suffix(b"*") {
-            Some(t) => (t, true),
-            None => (path, false),
-        };
-        let Ok(key) = Self::request_key(headers, target) else {
-            state.metrics.purge("error");
-            return self.reply(400, &json, b"{\"purged\":0,\"error\":\"bad target\"}\n");
-        };
-        let removed = if prefix {
-            // The key of `/a*` minus the `*` is `.../a`: everything whose key starts there.
-            let k = key.as_str().to_string();
-            state.store.remove_where(|stored| stored.starts_with(&k))
+        let soft = first(headers, &p.soft_header)
+            .is_some_and(|v| v == b"1" || v.eq_ignore_ascii_case(b"true"));
+        let now_s = self.now_ms() / 1000;
+        let tag_header = p.tag_header.clone();
+        // By tag: every entry whose response listed one of the tags (the path is ignored).
+        let removed = if let Some(listed) = first(headers, &tag_header) {
+            let wanted = purge::tags(listed);
+            if wanted.is_empty() {
+                state.metrics.purge("error");
+                return self.reply(400, &json, b"{\"purged\":0,\"error\":\"no tags\"}\n");
+            }
+            let tagged = |v: &[u8]| purge::has_tag(v, &tag_header, &wanted);
+            if soft {
+                let edit = |v: &[u8]| tagged(v).then(|| purge::soft_purged(v, now_s)).flatten();
+                Ok(state.store.rewrite_where(edit))
+            } else {
+                state.store.remove_where_value(|_, v| tagged(v))
+            }
         } else {
-            state.store.remove(key.hash64())
+            let (target, prefix) = match path.strip_suffix(b"*") {
+                Some(t) => (t, true),
+                None => (path, false),
+            };
+            let Ok(key) = Self::request_key(headers, target) else {
+                state.metrics.purge("error");
+                return self.reply(400, &json, b"{\"purged\":0,\"error\":\"bad target\"}\n");
+            };
+            // The key of `/a*` minus the `*` is `.../a`: everything whose key starts there.
+            let k = key.as_str();
+            let selects = |stored: &str| {
+                if prefix {
+                    stored.starts_with(k)
+                } else {
+                    stored == k
+                }
+            };
+            if soft {
+                let edit = |v: &[u8]| {
+                    let ours = entry::peek_key(v).is_ok_and(|(_, stored)| selects(stored));
+                    ours.then(|| purge::soft_purged(v, now_s)).flatten()
+                };
+                Ok(state.store.rewrite_where(edit))
+            } else if prefix {
+                state.store.remove_where(selects)
+            } else {
+                state.store.remove(key.hash64())
+            }
         };
         state.publish_usage();
         match removed {
