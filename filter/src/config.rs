@@ -626,8 +626,8 @@ impl Config {
 
 /// serde_json appends " at line L column C"; the field path says more for a one-line config.
 fn strip_position(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
+    match msg.rsplit_once(" at line ") {
+        Some((before, _)) => before.to_string(),
         None => msg.to_string(),
     }
 }

@@ -4,10 +4,10 @@
 //! Everything but [`glue`] is host-independent and tested natively; the glue moves headers and
 //! bytes between the host and those modules, and only exists in the `.wasm`.
 #![deny(missing_docs)]
-
-pub mod cache;
-pub mod config;
-#[cfg_attr(
+// Nothing that reads bytes from a client, an upstream or shared data may index, slice,
+// unwrap or panic outside its tests: a lint, not a review, keeps a hostile byte from killing
+// the VM. The store and its eviction policy index their own bounded tables and say so.
+#![cfg_attr(
     not(test),
     deny(
         clippy::indexing_slicing,
@@ -17,19 +17,14 @@ pub mod config;
         clippy::panic
     )
 )]
+
+pub mod cache;
+pub mod config;
 pub mod field;
 pub mod health;
 pub mod metrics;
 
-// The glue handles every byte from the client and the upstream: no panics there either.
 #[cfg(target_arch = "wasm32")]
-#[deny(
-    clippy::indexing_slicing,
-    clippy::string_slice,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic
-)]
 mod glue;
 
 /// The crate version, reported as `version` in health documents.
