@@ -15,6 +15,10 @@
 #   local_reply  + a filter answering every request with 1 KiB (local_reply_filter.wasm)
 #   native_hit   the proxy's own cache, one hot URL
 #   ef_hit       + edge-filter, one hot URL
+#   range_plain  proxy -> origin, no filter: 16 KiB ranges of a 256 KiB object at random
+#                offsets (bench/ranges.lua, a player seeking); the origin answers 206s
+#   ef_range     + edge-filter: the same ranges, answered from the stored 200 (filled by one
+#                `Range: bytes=0-` first)
 # Before an edge-filter miss case is measured, the store is filled with new URLs until it
 # holds max_entries (or FILL_MAX seconds pass), so the measured misses evict; other cases get
 # WARM seconds of the same load first. Every measurement starts a fresh proxy (so the native
@@ -56,7 +60,7 @@ MAX_ENTRIES="${MAX_ENTRIES:-4096}"
 MAX_ENTRIES_LARGE="${MAX_ENTRIES_LARGE:-1048576}"
 LARGE_TOTAL_BYTES="${LARGE_TOTAL_BYTES:-$((MAX_ENTRIES_LARGE * 3072 > 67108864 ? MAX_ENTRIES_LARGE * 3072 : 67108864))}"
 PROXIES="${PROXIES:-envoy nginx}"
-ALL_CASES="plain noop native_miss ef_miss ef_miss_large local_reply native_hit ef_hit"
+ALL_CASES="plain noop native_miss ef_miss ef_miss_large local_reply native_hit ef_hit range_plain ef_range"
 CASES="${CASES:-$ALL_CASES}"
 SERVER_CPU="${SERVER_CPU:-0}"
 CLIENT_CPU="${CLIENT_CPU:-1}"
@@ -196,7 +200,8 @@ origin_port="$(free_port)"
 mkdir -p "$tmp/origin/www"
 chmod 755 "$tmp/origin" "$tmp/origin/www"
 head -c 768 /dev/urandom | base64 -w0 >"$tmp/origin/www/obj" # 1,024 bytes
-chmod 644 "$tmp/origin/www/obj"
+head -c 196608 /dev/urandom | base64 -w0 >"$tmp/origin/www/big" # 262,144 bytes
+chmod 644 "$tmp/origin/www/obj" "$tmp/origin/www/big"
 cat >"$tmp/origin/nginx.conf" <<CONF
 pid $tmp/origin/nginx.pid;
 error_log $tmp/origin/error.log warn;
@@ -212,6 +217,10 @@ http {
     server {
         listen 127.0.0.1:$origin_port backlog=4096;
         location = /_status { stub_status; }
+        location = /big {
+            root $tmp/origin/www;
+            add_header Cache-Control "max-age=600";
+        }
         location / {
             root $tmp/origin/www;
             try_files /obj =404;
@@ -416,6 +425,8 @@ wrk_args() { # case duration: sets wrk_cmd, wrk on the client CPU (its output on
     wrk_cmd=(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${d}s")
     if case_hot "$c"; then
         wrk_cmd+=("http://127.0.0.1:$proxy_port/obj")
+    elif [[ "$c" == *range ]]; then
+        wrk_cmd+=(-s "$here/ranges.lua" "http://127.0.0.1:$proxy_port/big" -- "$seed")
     else
         wrk_cmd+=(-s "$lua" "http://127.0.0.1:$proxy_port" -- "$seed")
     fi
@@ -459,6 +470,14 @@ measure() { # proxy case round
         "${wrk_cmd[@]}" >/dev/null
         ;;
     esac
+    if [ "$c" = ef_range ]; then
+        # The whole object first: fetched without Range, it fills the cache.
+        curl -s -o /dev/null -H 'Range: bytes=0-' "http://127.0.0.1:$proxy_port/big"
+        local cs
+        cs="$(curl -s -D - -o /dev/null -H 'Range: bytes=16384-32767' \
+            "http://127.0.0.1:$proxy_port/big" | tr -d '\r' | grep -iE '^(HTTP|cache-status)' | tr '\n' ' ')"
+        [[ "$cs" == *" 206 "*"; hit"* ]] || die "$p: edge-filter did not answer a range from the cache: '$cs'"
+    fi
     if [ "$c" = ef_hit ]; then
         local cs
         cs="$(curl -s -D - -o /dev/null "http://127.0.0.1:$proxy_port/obj" | tr -d '\r' |
@@ -542,6 +561,8 @@ label = {
     "local_reply": "proxy + filter answering a 1 KiB local reply",
     "native_hit": "proxy's own cache, hit",
     "ef_hit": "**proxy + edge-filter, hit**",
+    "range_plain": "16 KiB ranges of a 256 KiB object, no filter (the origin's 206s)",
+    "ef_range": "**16 KiB ranges of a 256 KiB object, edge-filter (206s from the cache)**",
 }
 cases = [c for c in label if any((p, c) in rows for p in proxies)]
 med = lambda p, c, k: statistics.median(x[k] for x in rows[p, c]) if (p, c) in rows else None
@@ -570,6 +591,7 @@ ratios = [
     ("size: edge-filter miss at %s / at %s entries" % (f"{int(large):,}", f"{int(small):,}"), "ef_miss_large", "ef_miss", "≈ 1.0×"),
     ("hit: edge-filter / local reply", "ef_hit", "local_reply", "≥ 0.9×"),
     ("hit: edge-filter / own cache hit", "ef_hit", "native_hit", "≥ 1.0×"),
+    ("ranges: edge-filter from cache / origin's 206s", "ef_range", "range_plain", ""),
 ]
 print()
 # By CPU: the second case's CPU per request over the first's, which is the req/s ratio a
