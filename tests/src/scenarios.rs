@@ -1121,6 +1121,10 @@ pub fn query_key_policy(ctx: &mut Ctx<'_>) {
         ],
         "the origin receives exactly what is keyed"
     );
+    // RFC 9111 §4.4: an unsafe method invalidates the entry its target is keyed under.
+    let r = proxy.request("POST", "/qk/page?utm_source=z&id=1", &[], b"x");
+    assert_eq!(r.status, 200);
+    assert!(!CacheStatus::of(&proxy.get("/qk/page?id=1")).has("hit"));
 }
 
 /// `cache.key_headers` and `cache.key_cookies`: each value of a named header or cookie is

@@ -179,7 +179,10 @@ impl Http {
             self.fwd = Forward::Method;
             // Unknown methods pass through untouched; only their outcome is looked at.
             if !policy::is_safe_method(&method) {
-                if let Ok(key) = Self::request_key(&headers, &path) {
+                // Stored entries are keyed after the query policy: invalidate that key.
+                let rules = &state.config.cache.query;
+                let target = query::apply(&path, rules).unwrap_or_else(|| path.clone());
+                if let Ok(key) = Self::request_key(&headers, &target) {
                     self.invalidate = Some((method, key));
                 }
             }
