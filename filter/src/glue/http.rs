@@ -990,8 +990,11 @@ fn normalize_request(c: &CacheConfig, headers: &mut OwnedFields) {
         ),
     ];
     for (name, list, rule) in rules {
+        if list.is_empty() {
+            continue;
+        }
         let lines = values(headers, name);
-        if list.is_empty() || lines.is_empty() {
+        if lines.is_empty() {
             continue;
         }
         let joined: Vec<_> = lines.iter().map(|v| text(v)).collect();
